@@ -1,0 +1,139 @@
+"""run / check / demo: arguments, exit codes, log set-up, signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy.app import build_app
+from proxy.config import Settings
+from proxy.config_load import ConfigError, load_settings
+from proxy.logs import setup_logging
+
+log = logging.getLogger("proxy")
+
+DEFAULT_CONFIG = "config/breakers.yaml"
+EXIT_INVALID = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="circuit-proxy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the proxy")
+    run.add_argument("--config", default=DEFAULT_CONFIG)
+    run.add_argument("--host")
+    run.add_argument("--port", type=int)
+    run.add_argument("--log-format", choices=("text", "json"))
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("path")
+    demo = commands.add_parser("demo", help="fake upstreams + proxy on the shipped config")
+    demo.add_argument("--config", default=DEFAULT_CONFIG)
+    demo.add_argument("--base-port", type=int, default=9100)
+    return parser
+
+
+def _load(path: str) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+async def serve(settings: Settings, host: str, port: int,
+                before: Callable[[], Awaitable[None]] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and free the port."""
+    app = build_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
+                           access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
+                           shutdown_timeout=settings.server.drain_timeout_s,
+                           max_field_size=max(8190, settings.server.max_header_bytes * 4),
+                           max_line_size=max(8190, settings.server.max_header_bytes * 4))
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+        await site.start()
+        log.info("listening on http://%s:%d (%d breakers)", host, port, len(settings.routes()))
+        if before is not None:
+            await before()
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests for up to %.0f s",
+                 settings.server.drain_timeout_s)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+    return 0
+
+
+def _run_loop(main: Awaitable[int]) -> int:
+    try:
+        import uvloop  # noqa: PLC0415  (optional speed-up)
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_INVALID
+    setup_logging(args.log_format or settings.server.log_format)
+    host = args.host or settings.server.host
+    port = settings.server.port if args.port is None else args.port
+    return _run_loop(serve(settings, host, port))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _load(args.path)
+    if settings is None:
+        return EXIT_INVALID
+    print(f"{args.path}: ok ({len(settings.services)} services, {len(settings.routes())} breakers)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_INVALID
+    setup_logging(settings.server.log_format)
+    from fake_upstreams import FakeUpstreams  # noqa: PLC0415  (demo only)
+
+    async def main() -> int:
+        fakes = FakeUpstreams(host="127.0.0.1", base_port=args.base_port)
+        await fakes.start()
+        host, port = settings.server.host, settings.server.port
+
+        async def announce() -> None:
+            print(f"fake upstreams: control page {fakes.control_url}/", flush=True)
+            print(f"circuit-proxy: http://{host}:{port}/  (e.g. curl http://{host}:{port}/shipping/quotes)",
+                  flush=True)
+            print(f"status page: http://127.0.0.1:{port}/status", flush=True)
+        try:
+            return await serve(settings, host, port, before=announce)
+        finally:
+            await fakes.stop()
+
+    return _run_loop(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Frozen dataclasses describing a loaded configuration.
+
+Field names are the YAML keys, units included (`open_timeout_ms`), so a key path in an error
+message is the attribute path. Pure: no I/O here; `config_load` builds these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WindowSpec:
+    type: Literal["count", "time"] = "count"
+    size: int | None = 20  # calls, for type "count"
+    seconds: int | None = None  # for type "time"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """Every per-route breaker and call setting (the `defaults` keys of §1a)."""
+
+    failure_threshold: int = 5
+    success_threshold: int = 3
+    open_timeout_ms: int = 60_000
+    max_open_timeout_ms: int = 300_000
+    backoff_multiplier: float = 2.0
+    jitter: float = 0.0
+    half_open_max_calls: int = 1
+    window: WindowSpec = field(default_factory=WindowSpec)
+    minimum_calls: int = 10
+    failure_rate_threshold: float = 50.0
+    slow_call_duration_ms: int = 2000
+    slow_call_rate_threshold: float = 100.0
+    failure_statuses: frozenset[int] = frozenset({500, 502, 503, 504})
+    timeout_ms: int = 5000
+    connect_timeout_ms: int = 1000
+    max_concurrent: int = 100
+
+
+POLICY_KEYS: tuple[str, ...] = tuple(Policy.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Match:
+    methods: frozenset[str] | None = None  # None: any method
+    path: str | None = None  # path-segment prefix, relative to the service mount
+    path_regex: str | None = None  # full-match regex
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackSpec:
+    type: Literal["static", "cache", "queue", "table"]
+    on_failure: bool = True  # also serve it when a let-through call gets no response
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    service: str
+    name: str
+    match: Match
+    policy: Policy
+    fallback: FallbackSpec | None = None
+
+    @property
+    def breaker_name(self) -> str:
+        return f"{self.service}.{self.name}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Service:
+    name: str
+    upstream: str  # scheme://host:port[/base-path], no trailing slash
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    drain_timeout_s: float = 10.0
+    access_log: bool = False
+    log_format: Literal["text", "json"] = "text"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageSettings:
+    path: str = "var/circuit-proxy.db"
+    snapshot_interval_s: float = 10.0
+    retention_hours: float = 24.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminSettings:
+    token_env: str = "CIRCUIT_PROXY_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Webhook:
+    url: str
+    events: frozenset[str] = frozenset({"open", "close"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AlertSettings:
+    webhooks: tuple[Webhook, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    services: tuple[Service, ...] = ()
+    config_path: Path | None = None
+    fallback_dir: Path | None = None  # <config dir>/../fallback_responses
+
+    def routes(self) -> list[Route]:
+        return [route for service in self.services for route in service.routes]
