@@ -43,14 +43,28 @@ class BodyTooLarge(Exception):
     """A chunked request body grew past max_body_bytes while streaming."""
 
 
-async def _limited(content: Any, limit: int) -> AsyncIterator[bytes]:
-    """Stream a body of unknown length, refusing it once it passes `limit` bytes."""
-    seen = 0
-    async for chunk in content.iter_any():
-        seen += len(chunk)
-        if seen > limit:
-            raise BodyTooLarge(seen)
-        yield chunk
+class _LimitedBody:
+    """A body of unknown length, streamed, refused once it passes `limit` bytes.
+
+    aiohttp wraps an exception raised while sending a body into its own connection errors,
+    so `exceeded` tells the caller afterwards that the client was at fault, not the upstream.
+    """
+
+    __slots__ = ("_content", "_limit", "exceeded")
+
+    def __init__(self, content: Any, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._content.iter_any():
+            seen += len(chunk)
+            if seen > self._limit:
+                self.exceeded = True
+                raise BodyTooLarge(seen)
+            yield chunk
 
 
 class Proxy:
@@ -157,7 +171,7 @@ class Proxy:
             return None
         if request.content_length is not None:
             return request.content
-        return _limited(request.content, self.max_body_bytes)
+        return _LimitedBody(request.content, self.max_body_bytes)
 
     async def _forward(self, request: web.Request, runtime: RouteRuntime, target: str,
                        permit: Permit) -> web.StreamResponse:
@@ -165,13 +179,14 @@ class Proxy:
         buffered: bytes | None = None
         fallback = runtime.fallback
         length = request.content_length
+        data: Any = None
         try:
             if (fallback is not None and fallback.on_failure and fallback.buffer_request_bytes
                     and request.body_exists and length is not None
                     and length <= fallback.buffer_request_bytes):
                 # The fallback must be able to store this body if the call fails.
                 buffered = await request.read()
-                data: Any = buffered
+                data = buffered
             else:
                 data = self._request_body(request, runtime)
             headers = upstream_request_headers(
@@ -185,19 +200,12 @@ class Proxy:
         except asyncio.CancelledError:
             breaker.release(permit)  # the client left; the upstream is not to blame (§3)
             raise
-        except BodyTooLarge:
-            breaker.release(permit)
-            return responses.payload_too_large(self.max_body_bytes)
-        except ConnectionTimeoutError:
-            return await self._failed(request, runtime, permit, "timeout", False, buffered)
-        except asyncio.TimeoutError:
-            return await self._failed(request, runtime, permit, "timeout", True, buffered)
-        except ClientConnectorError as exc:
-            return await self._failed(request, runtime, permit, "unreachable", False, buffered,
-                                      detail=str(exc.os_error or exc))
-        except ClientError as exc:
-            return await self._failed(request, runtime, permit, "unreachable", True, buffered,
-                                      detail=type(exc).__name__)
+        except (BodyTooLarge, ClientError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, BodyTooLarge) or getattr(data, "exceeded", False):
+                breaker.release(permit)  # the client's body was too large, not an upstream fault
+                return responses.payload_too_large(self.max_body_bytes)
+            reason, maybe_delivered, detail = _classify(exc)
+            return await self._failed(request, runtime, permit, reason, maybe_delivered, buffered, detail)
         return await self._stream_back(request, runtime, permit, upstream)
 
     async def _stream_back(self, request: web.Request, runtime: RouteRuntime, permit: Permit,
@@ -267,3 +275,14 @@ class Proxy:
         if reason == "timeout":
             return responses.upstream_timeout(runtime.name, runtime.timeout_s)
         return responses.upstream_unreachable(runtime.name, detail or "connection failed")
+
+
+def _classify(exc: BaseException) -> tuple[str, bool, str]:
+    """(reason, may the upstream have received the request, detail) for a call with no answer."""
+    if isinstance(exc, ConnectionTimeoutError):
+        return "timeout", False, ""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout", True, ""  # sent, then no answer in time: outcome unknown
+    if isinstance(exc, ClientConnectorError):
+        return "unreachable", False, str(exc.os_error or exc)  # refused, DNS: never sent
+    return "unreachable", True, type(exc).__name__  # reset or broken mid-exchange

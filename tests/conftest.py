@@ -1,0 +1,106 @@
+"""Shared fixtures: real fake upstreams and a real proxy on loopback, configs in tmp_path."""
+
+from __future__ import annotations
+
+import shutil
+import string
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from fake_upstreams import FakeUpstreams
+from proxy.app import build_app
+from proxy.clock import Clock
+from proxy.config import Settings
+from proxy.config_load import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run soak tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[FakeUpstreams]:
+    upstreams = FakeUpstreams(host="127.0.0.1", base_port=0)
+    await upstreams.start()
+    try:
+        yield upstreams
+    finally:
+        await upstreams.stop()
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    """A project-like folder: config/ and a copy of the shipped fallback_responses/."""
+    (tmp_path / "config").mkdir()
+    shutil.copytree(ROOT / "fallback_responses", tmp_path / "fallback_responses")
+    return tmp_path
+
+
+@pytest.fixture
+def write_config(config_dir: Path, fakes: FakeUpstreams) -> Callable[..., Path]:
+    """Write a config; `$payment`, `$inventory`, … become the fake upstreams' URLs, `$db` a
+    database path in tmp_path."""
+    def write(text: str, name: str = "breakers.yaml", **extra: str) -> Path:
+        values = {service: fakes.url(service) for service in
+                  ("payment", "inventory", "notification", "shipping")}
+        values["db"] = str(config_dir / "var" / "proxy.db")
+        values.update(extra)
+        path = config_dir / "config" / name
+        path.write_text(string.Template(textwrap.dedent(text)).substitute(values))
+        return path
+    return write
+
+
+@dataclass
+class RunningProxy:
+    server: TestServer
+    app: web.Application
+    settings: Settings
+    session: aiohttp.ClientSession
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+
+# As `circuit-proxy run` configures its runner (TestServer sets handler_cancellation itself).
+SERVER_KWARGS = {"max_field_size": 65536, "max_line_size": 65536}
+
+
+@pytest.fixture
+async def start_proxy(write_config: Callable[..., Path]) -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
+    started: list[RunningProxy] = []
+
+    async def start(text: str, *, clock: Clock | None = None, environ: dict[str, str] | None = None,
+                    **extra: str) -> RunningProxy:
+        path = write_config(text, **extra)
+        settings = load_settings(path, environ or {})
+        app = build_app(settings, clock=clock)
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server(**SERVER_KWARGS)
+        session = aiohttp.ClientSession(auto_decompress=False)
+        running = RunningProxy(server, app, settings, session)
+        started.append(running)
+        return running
+
+    yield start
+    for running in reversed(started):
+        await running.session.close()
+        await running.server.close()
