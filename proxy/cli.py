@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from aiohttp import web
 

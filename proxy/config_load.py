@@ -8,14 +8,12 @@ inheritance and the seed's environment overrides, and collects every problem bef
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -34,6 +32,11 @@ from proxy.config import (
     Webhook,
     WindowSpec,
 )
+from proxy.config_nodes import MISSING, Ctx, join, mapping, scalar, section_values, unknown_keys
+from proxy.config_values import (
+    POLICY_VALUES, Invalid, boolean, choice, events, http_url, integer, methods, number,
+    path_prefix, regex, text,
+)
 from proxy.fallback_options import FALLBACK_TYPES, validate_fallback_options
 
 ENV_OVERRIDES: dict[str, str] = {
@@ -42,10 +45,8 @@ ENV_OVERRIDES: dict[str, str] = {
     "CIRCUIT_BREAKER_SUCCESS_THRESHOLD": "success_threshold",
 }
 RESERVED_SERVICE_NAMES = frozenset({"status", "status.json", "metrics", "healthz", "admin"})
-ALERT_EVENTS = frozenset({"open", "close", "half_open", "forced_open", "forced_closed", "disabled"})
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-_METHOD = re.compile(r"[A-Z]+")
 
 
 class ConfigError(Exception):
@@ -56,188 +57,6 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-class Invalid(Exception):
-    """One value is wrong; the walker adds file, line and key path."""
-
-
-@dataclass(slots=True)
-class _Ctx:
-    source: str
-    loader: yaml.SafeLoader
-    problems: list[str]
-
-    def report(self, node: yaml.Node | None, path: str, message: str) -> None:
-        where = f"{self.source}:{node.start_mark.line + 1}" if node is not None else self.source
-        line = f"{where}: {path}: {message}" if path else f"{where}: {message}"
-        if line not in self.problems:
-            self.problems.append(line)
-
-    def value(self, node: yaml.Node) -> Any:
-        return self.loader.construct_object(node, deep=True)
-
-
-# --- scalar validators: (value) -> converted value, or raise Invalid ----------------------
-
-def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise Invalid(f"not an integer: {value!r}")
-        if minimum is not None and value < minimum:
-            raise Invalid(f"must be ≥ {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise Invalid(f"must be ≤ {maximum}, got {value}")
-        return value
-    return check
-
-
-def _number(minimum: float | None = None, maximum: float | None = None, *,
-            below: float | None = None) -> Callable[[Any], float]:
-    def check(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise Invalid(f"not a number: {value!r}")
-        if minimum is not None and value < minimum:
-            raise Invalid(f"must be ≥ {minimum:g}, got {value:g}")
-        if maximum is not None and value > maximum:
-            raise Invalid(f"must be ≤ {maximum:g}, got {value:g}")
-        if below is not None and value >= below:
-            raise Invalid(f"must be < {below:g}, got {value:g}")
-        return float(value)
-    return check
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise Invalid(f"not a non-empty string: {value!r}")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise Invalid(f"not a boolean: {value!r}")
-    return value
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if value not in options:
-            raise Invalid(f"must be one of {', '.join(options)}, got {value!r}")
-        return value
-    return check
-
-
-def _statuses(value: Any) -> frozenset[int]:
-    if not isinstance(value, list) or not value:
-        raise Invalid(f"not a non-empty list of status codes: {value!r}")
-    for status in value:
-        _int(100, 599)(status)
-    return frozenset(value)
-
-
-def http_url(value: Any) -> str:
-    """An http(s) URL with a host; an optional base path; no query or fragment."""
-    text = _str(value)
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise Invalid(f"malformed URL {text!r}: {exc}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Invalid(f"not an http(s) URL with a host: {text!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise Invalid(f"must not carry a query, fragment or credentials: {text!r}")
-    if port == 0:
-        raise Invalid(f"port must be 1..65535: {text!r}")
-    return text.rstrip("/")
-
-
-_POLICY_SCALARS: dict[str, Callable[[Any], Any]] = {
-    "failure_threshold": _int(0),
-    "success_threshold": _int(1),
-    "open_timeout_ms": _int(1),
-    "max_open_timeout_ms": _int(1),
-    "backoff_multiplier": _number(1.0),
-    "jitter": _number(0.0, below=1.0),
-    "half_open_max_calls": _int(1),
-    "minimum_calls": _int(1),
-    "failure_rate_threshold": _number(0.0, 100.0),
-    "slow_call_duration_ms": _int(1),
-    "slow_call_rate_threshold": _number(0.0, 100.0),
-    "failure_statuses": _statuses,
-    "timeout_ms": _int(1),
-    "connect_timeout_ms": _int(1),
-    "max_concurrent": _int(0),
-}
-
-
-# --- node walking -------------------------------------------------------------------------
-
-def _mapping(ctx: _Ctx, node: yaml.Node, path: str) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
-    """The mapping's entries by key, reporting non-mappings, odd keys and duplicates."""
-    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        ctx.report(node, path, "must be a mapping")
-        return None
-    if node.tag != "tag:yaml.org,2002:map":
-        ctx.report(node, path, f"unsupported YAML tag {node.tag}")
-        return None
-    entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-    for key_node, value_node in node.value:
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-        if not isinstance(key, str):
-            ctx.report(key_node, path, "keys must be strings")
-            continue
-        if key in entries:
-            ctx.report(key_node, _join(path, key), "duplicate key")
-        entries[key] = (key_node, value_node)
-    return entries
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _unknown(ctx: _Ctx, entries: Mapping[str, tuple[yaml.Node, yaml.Node]], known: Any, path: str) -> None:
-    for key, (key_node, _) in entries.items():
-        if key not in known:
-            hint = difflib.get_close_matches(key, list(known), n=1)
-            message = f"unknown key (did you mean {hint[0]}?)" if hint else "unknown key"
-            ctx.report(key_node, _join(path, key), message)
-
-
-def _scalar(ctx: _Ctx, node: yaml.Node, path: str, check: Callable[[Any], Any]) -> Any:
-    try:
-        return check(ctx.value(node))
-    except Invalid as exc:
-        ctx.report(node, path, str(exc))
-    except yaml.MarkedYAMLError as exc:
-        ctx.report(node, path, f"cannot read value: {exc.problem}")
-    except yaml.YAMLError as exc:
-        ctx.report(node, path, f"cannot read value: {exc}")
-    return _MISSING
-
-
-_MISSING = object()
-
-
-def _section(ctx: _Ctx, node: yaml.Node | None, path: str,
-             schema: Mapping[str, Callable[[Any], Any]]) -> dict[str, Any]:
-    """Validate a flat mapping of scalars against `schema`; the valid values by key."""
-    if node is None:
-        return {}
-    entries = _mapping(ctx, node, path)
-    if entries is None:
-        return {}
-    _unknown(ctx, entries, schema, path)
-    values = {}
-    for key, (_, value_node) in entries.items():
-        if key in schema:
-            value = _scalar(ctx, value_node, _join(path, key), schema[key])
-            if value is not _MISSING:
-                values[key] = value
-    return values
-
-
 @dataclass(slots=True)
 class _Layer:
     """Policy values set at one level, with where each was set (for cross-key errors)."""
@@ -246,54 +65,54 @@ class _Layer:
     nodes: dict[str, tuple[yaml.Node | None, str]]
 
 
-def _policy_layer(ctx: _Ctx, entries: Mapping[str, tuple[yaml.Node, yaml.Node]], path: str) -> _Layer:
+def _policy_layer(ctx: Ctx, entries: Mapping[str, tuple[yaml.Node, yaml.Node]], path: str) -> _Layer:
     layer = _Layer({}, {})
     for key in POLICY_KEYS:
         if key not in entries:
             continue
         key_node, value_node = entries[key]
-        key_path = _join(path, key)
+        key_path = join(path, key)
         value = (_window(ctx, value_node, key_path) if key == "window"
-                 else _scalar(ctx, value_node, key_path, _POLICY_SCALARS[key]))
-        if value is not _MISSING:
+                 else scalar(ctx, value_node, key_path, POLICY_VALUES[key]))
+        if value is not MISSING:
             layer.values[key] = value
             layer.nodes[key] = (value_node, key_path)
     return layer
 
 
-def _window(ctx: _Ctx, node: yaml.Node, path: str) -> WindowSpec | object:
-    entries = _mapping(ctx, node, path)
+def _window(ctx: Ctx, node: yaml.Node, path: str) -> WindowSpec | object:
+    entries = mapping(ctx, node, path)
     if entries is None:
-        return _MISSING
-    _unknown(ctx, entries, ("type", "size", "seconds"), path)
+        return MISSING
+    unknown_keys(ctx, entries, ("type", "size", "seconds"), path)
     kind = "count"
     if "type" in entries:
-        kind = _scalar(ctx, entries["type"][1], f"{path}.type", _choice("count", "time"))
-        if kind is _MISSING:
-            return _MISSING
+        kind = scalar(ctx, entries["type"][1], f"{path}.type", choice("count", "time"))
+        if kind is MISSING:
+            return MISSING
     wrong = "seconds" if kind == "count" else "size"
     if wrong in entries:
         ctx.report(entries[wrong][0], f"{path}.{wrong}", f"not used by a {kind} window")
-        return _MISSING
+        return MISSING
     amount_key, default, maximum = ("size", 20, 100_000) if kind == "count" else ("seconds", 30, 3600)
     amount = default
     if amount_key in entries:
-        amount = _scalar(ctx, entries[amount_key][1], f"{path}.{amount_key}", _int(1, maximum))
-        if amount is _MISSING:
-            return _MISSING
+        amount = scalar(ctx, entries[amount_key][1], f"{path}.{amount_key}", integer(1, maximum))
+        if amount is MISSING:
+            return MISSING
     if kind == "count":
         return WindowSpec(type="count", size=amount, seconds=None)
     return WindowSpec(type="time", size=None, seconds=amount)
 
 
-def _env_layer(ctx: _Ctx, environ: Mapping[str, str]) -> _Layer:
+def _env_layer(ctx: Ctx, environ: Mapping[str, str]) -> _Layer:
     layer = _Layer({}, {})
     for name, key in ENV_OVERRIDES.items():
         raw = environ.get(name)
         if raw is None or raw.strip() == "":
             continue
         try:
-            value = _POLICY_SCALARS[key](int(raw.strip()))
+            value = POLICY_VALUES[key](int(raw.strip()))
         except ValueError:
             ctx.problems.append(f"env {name}: defaults.{key}: not an integer: {raw!r}")
             continue
@@ -305,7 +124,7 @@ def _env_layer(ctx: _Ctx, environ: Mapping[str, str]) -> _Layer:
     return layer
 
 
-def _effective_policy(ctx: _Ctx, layers: list[_Layer]) -> Policy:
+def _effective_policy(ctx: Ctx, layers: list[_Layer]) -> Policy:
     """Merge layers (lowest first) and check the keys that constrain each other."""
     values: dict[str, Any] = {}
     origin: dict[str, tuple[yaml.Node | None, str]] = {}
@@ -337,32 +156,32 @@ def _effective_policy(ctx: _Ctx, layers: list[_Layer]) -> Policy:
 # --- sections -----------------------------------------------------------------------------
 
 _SERVER_SCHEMA: dict[str, Callable[[Any], Any]] = {
-    "host": _str,
-    "port": _int(0, 65535),
-    "max_body_bytes": _int(1),
-    "max_header_bytes": _int(256),
-    "drain_timeout_s": _number(0.0),
-    "access_log": _bool,
-    "log_format": _choice("text", "json"),
+    "host": text,
+    "port": integer(0, 65535),
+    "max_body_bytes": integer(1),
+    "max_header_bytes": integer(256),
+    "drain_timeout_s": number(0.0),
+    "access_log": boolean,
+    "log_format": choice("text", "json"),
 }
 _STORAGE_SCHEMA: dict[str, Callable[[Any], Any]] = {
-    "path": _str,
-    "snapshot_interval_s": _number(0.1),
-    "retention_hours": _number(0.01),
+    "path": text,
+    "snapshot_interval_s": number(0.1),
+    "retention_hours": number(0.01),
 }
-_ADMIN_SCHEMA: dict[str, Callable[[Any], Any]] = {"token_env": _str}
+_ADMIN_SCHEMA: dict[str, Callable[[Any], Any]] = {"token_env": text}
 _TOP_KEYS = ("server", "storage", "admin", "alerts", "defaults", "services")
 _SERVICE_KEYS = ("upstream", "routes", *POLICY_KEYS)
 _ROUTE_KEYS = ("match", "fallback", *POLICY_KEYS)
 
 
-def _alerts(ctx: _Ctx, node: yaml.Node | None) -> AlertSettings:
+def _alerts(ctx: Ctx, node: yaml.Node | None) -> AlertSettings:
     if node is None:
         return AlertSettings()
-    entries = _mapping(ctx, node, "alerts")
+    entries = mapping(ctx, node, "alerts")
     if entries is None:
         return AlertSettings()
-    _unknown(ctx, entries, ("webhooks",), "alerts")
+    unknown_keys(ctx, entries, ("webhooks",), "alerts")
     if "webhooks" not in entries:
         return AlertSettings()
     hooks_node = entries["webhooks"][1]
@@ -372,118 +191,80 @@ def _alerts(ctx: _Ctx, node: yaml.Node | None) -> AlertSettings:
     hooks = []
     for index, hook_node in enumerate(hooks_node.value):
         path = f"alerts.webhooks[{index}]"
-        hook = _mapping(ctx, hook_node, path)
+        hook = mapping(ctx, hook_node, path)
         if hook is None:
             continue
-        _unknown(ctx, hook, ("url", "events"), path)
+        unknown_keys(ctx, hook, ("url", "events"), path)
         if "url" not in hook:
             ctx.report(hook_node, f"{path}.url", "required")
             continue
-        url = _scalar(ctx, hook["url"][1], f"{path}.url", http_url)
-        events = frozenset({"open", "close"})
+        url = scalar(ctx, hook["url"][1], f"{path}.url", http_url)
+        hook_events = frozenset({"open", "close"})
         if "events" in hook:
-            events = _scalar(ctx, hook["events"][1], f"{path}.events", _events)
-        if url is not _MISSING and events is not _MISSING:
-            hooks.append(Webhook(url=url, events=events))
+            hook_events = scalar(ctx, hook["events"][1], f"{path}.events", events)
+        if url is not MISSING and hook_events is not MISSING:
+            hooks.append(Webhook(url=url, events=hook_events))
     return AlertSettings(webhooks=tuple(hooks))
 
 
-def _events(value: Any) -> frozenset[str]:
-    if not isinstance(value, list) or not value:
-        raise Invalid(f"not a non-empty list of events: {value!r}")
-    unknown = [v for v in value if v not in ALERT_EVENTS]
-    if unknown:
-        raise Invalid(f"unknown event {unknown[0]!r} (known: {', '.join(sorted(ALERT_EVENTS))})")
-    return frozenset(value)
-
-
-def _match(ctx: _Ctx, node: yaml.Node | None, path: str) -> Match:
+def _match(ctx: Ctx, node: yaml.Node | None, path: str) -> Match:
     if node is None:
         return Match()
-    entries = _mapping(ctx, node, path)
+    entries = mapping(ctx, node, path)
     if entries is None:
         return Match()
-    _unknown(ctx, entries, ("methods", "path", "path_regex"), path)
-    methods = None
+    unknown_keys(ctx, entries, ("methods", "path", "path_regex"), path)
+    allowed = None
     if "methods" in entries:
-        methods = _scalar(ctx, entries["methods"][1], f"{path}.methods", _methods)
-        methods = None if methods is _MISSING else methods
+        allowed = scalar(ctx, entries["methods"][1], f"{path}.methods", methods)
+        allowed = None if allowed is MISSING else allowed
     prefix = None
     if "path" in entries:
-        prefix = _scalar(ctx, entries["path"][1], f"{path}.path", _path_prefix)
-        prefix = None if prefix is _MISSING else prefix
+        prefix = scalar(ctx, entries["path"][1], f"{path}.path", path_prefix)
+        prefix = None if prefix is MISSING else prefix
     pattern = None
     if "path_regex" in entries:
-        pattern = _scalar(ctx, entries["path_regex"][1], f"{path}.path_regex", _regex)
-        pattern = None if pattern is _MISSING else pattern
+        pattern = scalar(ctx, entries["path_regex"][1], f"{path}.path_regex", regex)
+        pattern = None if pattern is MISSING else pattern
     if prefix is not None and pattern is not None:
         ctx.report(entries["path_regex"][0], f"{path}.path_regex", "use either path or path_regex, not both")
-    return Match(methods=methods, path=prefix, path_regex=pattern)
+    return Match(methods=allowed, path=prefix, path_regex=pattern)
 
 
-def _methods(value: Any) -> frozenset[str]:
-    if not isinstance(value, list) or not value:
-        raise Invalid(f"not a non-empty list of methods: {value!r}")
-    methods = set()
-    for method in value:
-        if not isinstance(method, str) or not _METHOD.fullmatch(method.upper()):
-            raise Invalid(f"not an HTTP method: {method!r}")
-        methods.add(method.upper())
-    return frozenset(methods)
-
-
-def _path_prefix(value: Any) -> str:
-    text = _str(value)
-    if not text.startswith("/"):
-        raise Invalid(f"must start with '/': {text!r}")
-    if any(segment in (".", "..") for segment in text.split("/")):
-        raise Invalid(f"must not contain dot-segments: {text!r}")
-    return text.rstrip("/") or "/"
-
-
-def _regex(value: Any) -> str:
-    text = _str(value)
-    try:
-        re.compile(text)
-    except re.error as exc:
-        raise Invalid(f"not a valid regular expression: {exc}") from None
-    return text
-
-
-def _fallback(ctx: _Ctx, node: yaml.Node, path: str, fallback_dir: Path | None) -> FallbackSpec | None:
-    entries = _mapping(ctx, node, path)
+def _fallback(ctx: Ctx, node: yaml.Node, path: str, fallback_dir: Path | None) -> FallbackSpec | None:
+    entries = mapping(ctx, node, path)
     if entries is None:
         return None
     if "type" not in entries:
         ctx.report(node, f"{path}.type", f"required (one of {', '.join(FALLBACK_TYPES)})")
         return None
-    kind = _scalar(ctx, entries["type"][1], f"{path}.type", _choice(*FALLBACK_TYPES))
-    if kind is _MISSING:
+    kind = scalar(ctx, entries["type"][1], f"{path}.type", choice(*FALLBACK_TYPES))
+    if kind is MISSING:
         return None
     on_failure = True
     if "on_failure" in entries:
-        on_failure = _scalar(ctx, entries["on_failure"][1], f"{path}.on_failure", _bool)
+        on_failure = scalar(ctx, entries["on_failure"][1], f"{path}.on_failure", boolean)
     options_nodes = {k: v for k, v in entries.items() if k not in ("type", "on_failure")}
 
     def report(key: str | None, message: str) -> None:
         where = options_nodes[key][1] if key in options_nodes else node
-        ctx.report(where, _join(path, key) if key else path, message)
+        ctx.report(where, join(path, key) if key else path, message)
 
     raw = {}
     for key, (_, value_node) in options_nodes.items():
-        value = _scalar(ctx, value_node, _join(path, key), lambda v: v)
-        if value is _MISSING:
+        value = scalar(ctx, value_node, join(path, key), lambda v: v)
+        if value is MISSING:
             return None
         raw[key] = value
     options = validate_fallback_options(kind, raw, fallback_dir, report)
-    if options is None or on_failure is _MISSING:
+    if options is None or on_failure is MISSING:
         return None
     return FallbackSpec(type=kind, on_failure=on_failure, options=options)
 
 
-def _routes(ctx: _Ctx, service: str, node: yaml.Node | None, path: str, policy_layers: list[_Layer],
+def _routes(ctx: Ctx, service: str, node: yaml.Node | None, path: str, policy_layers: list[_Layer],
             fallback_dir: Path | None) -> tuple[Route, ...]:
-    entries = _mapping(ctx, node, path) if node is not None else {}
+    entries = mapping(ctx, node, path) if node is not None else {}
     if entries is None:
         return ()
     routes = []
@@ -492,10 +273,10 @@ def _routes(ctx: _Ctx, service: str, node: yaml.Node | None, path: str, policy_l
         if not _ROUTE_NAME.fullmatch(name):
             ctx.report(key_node, route_path, "route names use letters, digits, '-' and '_'")
             continue
-        route_entries = _mapping(ctx, route_node, route_path)
+        route_entries = mapping(ctx, route_node, route_path)
         if route_entries is None:
             continue
-        _unknown(ctx, route_entries, _ROUTE_KEYS, route_path)
+        unknown_keys(ctx, route_entries, _ROUTE_KEYS, route_path)
         if name == "default" and "match" in route_entries:
             ctx.report(route_entries["match"][0], f"{route_path}.match",
                        "the default route matches everything; remove match")
@@ -516,11 +297,11 @@ def _routes(ctx: _Ctx, service: str, node: yaml.Node | None, path: str, policy_l
     return tuple(routes)
 
 
-def _services(ctx: _Ctx, node: yaml.Node | None, base_layers: list[_Layer],
+def _services(ctx: Ctx, node: yaml.Node | None, base_layers: list[_Layer],
               fallback_dir: Path | None) -> tuple[Service, ...]:
     if node is None:
         return ()
-    entries = _mapping(ctx, node, "services")
+    entries = mapping(ctx, node, "services")
     if entries is None:
         return ()
     services = []
@@ -530,18 +311,18 @@ def _services(ctx: _Ctx, node: yaml.Node | None, base_layers: list[_Layer],
             ctx.report(key_node, path, "service names use lowercase letters, digits, '-' and '_' "
                                        "and must not be a reserved path (status, metrics, healthz, admin)")
             continue
-        service_entries = _mapping(ctx, service_node, path)
+        service_entries = mapping(ctx, service_node, path)
         if service_entries is None:
             continue
-        _unknown(ctx, service_entries, _SERVICE_KEYS, path)
+        unknown_keys(ctx, service_entries, _SERVICE_KEYS, path)
         if "upstream" not in service_entries:
             ctx.report(service_node, f"{path}.upstream", "required")
             continue
-        upstream = _scalar(ctx, service_entries["upstream"][1], f"{path}.upstream", http_url)
+        upstream = scalar(ctx, service_entries["upstream"][1], f"{path}.upstream", http_url)
         layers = [*base_layers, _policy_layer(ctx, service_entries, path)]
         routes_node = service_entries.get("routes", (None, None))[1]
         routes = _routes(ctx, name, routes_node, f"{path}.routes", layers, fallback_dir)
-        if upstream is not _MISSING:
+        if upstream is not MISSING:
             services.append(Service(name=name, upstream=upstream, routes=routes))
     return tuple(services)
 
@@ -557,7 +338,7 @@ def parse_settings(text: str, *, source: str, environ: Mapping[str, str] | None 
                    config_path: Path | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     loader = yaml.SafeLoader(text)
-    ctx = _Ctx(source=source, loader=loader, problems=[])
+    ctx = Ctx(source=source, loader=loader, problems=[])
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
@@ -570,24 +351,24 @@ def parse_settings(text: str, *, source: str, environ: Mapping[str, str] | None 
         loader.dispose()
     if root is None:
         raise ConfigError([f"{source}: the file is empty"])
-    entries = _mapping(ctx, root, "")
+    entries = mapping(ctx, root, "")
     if entries is None:
         raise ConfigError(ctx.problems)
-    _unknown(ctx, entries, _TOP_KEYS, "")
+    unknown_keys(ctx, entries, _TOP_KEYS, "")
 
     def section(name: str) -> yaml.Node | None:
         return entries[name][1] if name in entries else None
 
     fallback_dir = config_path.resolve().parent.parent / "fallback_responses" if config_path else None
-    server = _build(ServerSettings, _section(ctx, section("server"), "server", _SERVER_SCHEMA))
-    storage = _build(StorageSettings, _section(ctx, section("storage"), "storage", _STORAGE_SCHEMA))
-    admin = _build(AdminSettings, _section(ctx, section("admin"), "admin", _ADMIN_SCHEMA))
+    server = _build(ServerSettings, section_values(ctx, section("server"), "server", _SERVER_SCHEMA))
+    storage = _build(StorageSettings, section_values(ctx, section("storage"), "storage", _STORAGE_SCHEMA))
+    admin = _build(AdminSettings, section_values(ctx, section("admin"), "admin", _ADMIN_SCHEMA))
     alerts = _alerts(ctx, section("alerts"))
     defaults_layer = _Layer({}, {})
     if section("defaults") is not None:
-        defaults_entries = _mapping(ctx, section("defaults"), "defaults")
+        defaults_entries = mapping(ctx, section("defaults"), "defaults")
         if defaults_entries is not None:
-            _unknown(ctx, defaults_entries, POLICY_KEYS, "defaults")
+            unknown_keys(ctx, defaults_entries, POLICY_KEYS, "defaults")
             defaults_layer = _policy_layer(ctx, defaults_entries, "defaults")
     # Precedence (§1a): route > service > environment > defaults > built-in.
     base_layers = [defaults_layer, _env_layer(ctx, environ)]

@@ -1,0 +1,149 @@
+"""Checks of single config values: (raw YAML value) → converted value, or raise Invalid.
+
+Pure: no file, environment or YAML node access; `config_load` attaches file, line and key path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+ALERT_EVENTS = frozenset({"open", "close", "half_open", "forced_open", "forced_closed", "disabled"})
+_METHOD = re.compile(r"[A-Z]+")
+
+
+class Invalid(Exception):
+    """One value is wrong; the walker adds file, line and key path."""
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Invalid(f"not an integer: {value!r}")
+        if minimum is not None and value < minimum:
+            raise Invalid(f"must be ≥ {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise Invalid(f"must be ≤ {maximum}, got {value}")
+        return value
+    return check
+
+
+def number(minimum: float | None = None, maximum: float | None = None, *,
+            below: float | None = None) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Invalid(f"not a number: {value!r}")
+        if minimum is not None and value < minimum:
+            raise Invalid(f"must be ≥ {minimum:g}, got {value:g}")
+        if maximum is not None and value > maximum:
+            raise Invalid(f"must be ≤ {maximum:g}, got {value:g}")
+        if below is not None and value >= below:
+            raise Invalid(f"must be < {below:g}, got {value:g}")
+        return float(value)
+    return check
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise Invalid(f"not a non-empty string: {value!r}")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"not a boolean: {value!r}")
+    return value
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise Invalid(f"must be one of {', '.join(options)}, got {value!r}")
+        return value
+    return check
+
+
+def statuses(value: Any) -> frozenset[int]:
+    if not isinstance(value, list) or not value:
+        raise Invalid(f"not a non-empty list of status codes: {value!r}")
+    for status in value:
+        integer(100, 599)(status)
+    return frozenset(value)
+
+
+def http_url(value: Any) -> str:
+    """An http(s) URL with a host; an optional base path; no query or fragment."""
+    string = text(value)
+    try:
+        parts = urlsplit(string)
+        port = parts.port
+    except ValueError as exc:
+        raise Invalid(f"malformed URL {string!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Invalid(f"not an http(s) URL with a host: {string!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise Invalid(f"must not carry a query, fragment or credentials: {string!r}")
+    if port == 0:
+        raise Invalid(f"port must be 1..65535: {string!r}")
+    return string.rstrip("/")
+
+
+def events(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or not value:
+        raise Invalid(f"not a non-empty list of events: {value!r}")
+    unknown = [v for v in value if v not in ALERT_EVENTS]
+    if unknown:
+        raise Invalid(f"unknown event {unknown[0]!r} (known: {', '.join(sorted(ALERT_EVENTS))})")
+    return frozenset(value)
+
+
+def methods(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or not value:
+        raise Invalid(f"not a non-empty list of methods: {value!r}")
+    methods = set()
+    for method in value:
+        if not isinstance(method, str) or not _METHOD.fullmatch(method.upper()):
+            raise Invalid(f"not an HTTP method: {method!r}")
+        methods.add(method.upper())
+    return frozenset(methods)
+
+
+def path_prefix(value: Any) -> str:
+    string = text(value)
+    if not string.startswith("/"):
+        raise Invalid(f"must start with '/': {string!r}")
+    if any(segment in (".", "..") for segment in string.split("/")):
+        raise Invalid(f"must not contain dot-segments: {string!r}")
+    return string.rstrip("/") or "/"
+
+
+def regex(value: Any) -> str:
+    string = text(value)
+    try:
+        re.compile(string)
+    except re.error as exc:
+        raise Invalid(f"not a valid regular expression: {exc}") from None
+    return string
+
+
+POLICY_VALUES: dict[str, Callable[[Any], Any]] = {
+    "failure_threshold": integer(0),
+    "success_threshold": integer(1),
+    "open_timeout_ms": integer(1),
+    "max_open_timeout_ms": integer(1),
+    "backoff_multiplier": number(1.0),
+    "jitter": number(0.0, below=1.0),
+    "half_open_max_calls": integer(1),
+    "minimum_calls": integer(1),
+    "failure_rate_threshold": number(0.0, 100.0),
+    "slow_call_duration_ms": integer(1),
+    "slow_call_rate_threshold": number(0.0, 100.0),
+    "failure_statuses": statuses,
+    "timeout_ms": integer(1),
+    "connect_timeout_ms": integer(1),
+    "max_concurrent": integer(0),
+}
+
+
