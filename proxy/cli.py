@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from dataclasses import replace
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -34,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     demo = commands.add_parser("demo", help="fake upstreams + proxy on the shipped config")
     demo.add_argument("--config", default=DEFAULT_CONFIG)
-    demo.add_argument("--base-port", type=int, default=9100)
+    demo.add_argument("--port", type=int, help="proxy port (default: the config's, 8080)")
+    demo.add_argument("--base-port", type=int, default=9100,
+                      help="fake upstreams: control on this port, the four services on the next four")
     return parser
 
 
@@ -71,9 +74,13 @@ async def serve(settings: Settings, host: str, port: int,
         log.info("shutting down: draining in-flight requests for up to %.0f s",
                  settings.server.drain_timeout_s)
     finally:
+        # A second signal while draining must not kill the drain half-way.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, log.info, "already shutting down")
+        await runner.cleanup()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        await runner.cleanup()
+    log.info("stopped")
     return 0
 
 
@@ -108,12 +115,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_INVALID
     setup_logging(settings.server.log_format)
-    from fake_upstreams import FakeUpstreams  # noqa: PLC0415  (demo only)
+    from fake_upstreams import SERVICE_NAMES, FakeUpstreams  # noqa: PLC0415  (demo only)
 
     async def main() -> int:
         fakes = FakeUpstreams(host="127.0.0.1", base_port=args.base_port)
         await fakes.start()
-        host, port = settings.server.host, settings.server.port
+        host = settings.server.host
+        port = settings.server.port if args.port is None else args.port
+        # The demo's services are its own fakes, wherever they listen.
+        services = tuple(replace(service, upstream=fakes.url(service.name))
+                         if service.name in SERVICE_NAMES else service for service in settings.services)
 
         async def announce() -> None:
             print(f"fake upstreams: control page {fakes.control_url}/", flush=True)
@@ -121,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   flush=True)
             print(f"status page: http://127.0.0.1:{port}/status", flush=True)
         try:
-            return await serve(settings, host, port, before=announce)
+            return await serve(replace(settings, services=services), host, port, before=announce)
         finally:
             await fakes.stop()
 

@@ -1,0 +1,135 @@
+"""The CLI as a user runs it: `run` drains on SIGTERM and frees its port; `demo` works end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """No process holds the port: a server (SO_REUSEADDR, as servers set it) can listen on it."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            return False
+        return True
+
+
+async def wait_for_line(stream: asyncio.StreamReader, needle: str, lines: list[str]) -> str:
+    async def scan() -> str:
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(lines))
+            line = raw.decode()
+            lines.append(line)
+            if needle in line:
+                return line
+    return await asyncio.wait_for(scan(), 30)
+
+
+async def start(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+
+async def stop(process: asyncio.subprocess.Process) -> int:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(process.wait(), 30)
+
+
+async def test_sigterm_drains_in_flight_requests_and_frees_the_port(write_config, fakes):
+    port = free_port()
+    path = write_config("""
+        storage: {path: $db}
+        server: {drain_timeout_s: 10}
+        services:
+          shipping: {upstream: $shipping}
+    """)
+    process = await start("run", "--config", str(path), "--port", str(port))
+    output: list[str] = []
+    try:
+        await wait_for_line(process.stdout, f"listening on http://127.0.0.1:{port}", output)
+        await fakes.set_mode("shipping", "slow", latency_ms=700)
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.create_task(session.post(
+                f"http://127.0.0.1:{port}/shipping/quotes",
+                json={"destination": {"country": "IT", "postcode": "00100"}, "weight_kg": 1}))
+            for _ in range(300):
+                if fakes.requests("shipping") == 1:
+                    break
+                await asyncio.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            response = await request
+            assert response.status == 200
+            assert set(await response.json()) >= {"carrier", "cost", "currency", "eta_days"}
+            response.release()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert port_is_free(port)
+
+
+async def test_demo_routes_to_all_four_fakes_and_error_mode_opens_a_breaker(tmp_path):
+    port, base = free_port(), free_port()
+    # Four more ports after the base: pick a base whose next four are free too.
+    while not all(port_is_free(base + i) for i in range(5)) or port in range(base, base + 5):
+        base = free_port()
+    process = await start("demo", "--port", str(port), "--base-port", str(base),
+                          env={"CIRCUIT_PROXY_ADMIN_TOKEN": "t"})
+    output: list[str] = []
+    proxy = f"http://127.0.0.1:{port}"
+    try:
+        line = await wait_for_line(process.stdout, "/status", output)
+        assert f"{proxy}/status" in line
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{proxy}/payment/charges",
+                                    json={"amount": 5, "currency": "EUR", "order_id": "o1"}) as r:
+                assert r.status == 201
+            async with session.get(f"{proxy}/inventory/stock/SKU-001") as r:
+                assert (r.status, (await r.json())["sku"]) == (200, "SKU-001")
+            async with session.post(f"{proxy}/notification/notifications",
+                                    json={"to": "a@example.com", "template": "t", "data": {}}) as r:
+                assert r.status == 202
+            async with session.post(f"{proxy}/shipping/quotes", json={
+                    "destination": {"country": "IT", "postcode": "00100"}, "weight_kg": 2}) as r:
+                assert r.status == 200
+            async with session.put(f"http://127.0.0.1:{base}/services/inventory/mode",
+                                   json={"mode": "error", "status": 500}) as r:
+                assert r.status == 200
+            statuses = []
+            for _ in range(6):
+                async with session.get(f"{proxy}/inventory/default-route") as r:
+                    statuses.append(r.status)
+            assert statuses == [500] * 5 + [503]
+            async with session.get(f"{proxy}/status.json") as r:
+                states = {b["name"]: b["state"] for b in (await r.json())["breakers"]}
+            assert states["inventory.default"] == "open"
+            assert states["payment.charges"] == "closed"
+        assert await stop(process) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert port_is_free(port) and all(port_is_free(base + i) for i in range(5))
