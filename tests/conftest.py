@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import sqlite3
 import string
 import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+_BLOCKING = {"time.sleep": (time, "sleep"), "sqlite3.connect": (sqlite3, "connect")}
+
+
+@pytest.fixture(autouse=True)
+def blocking_call_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocking calls made on a thread that runs an event loop fail the test (STYLE §6)."""
+    for name, (module, attribute) in _BLOCKING.items():
+        original = getattr(module, attribute)
+
+        def guarded(*args, _original=original, _name=name, **kwargs):
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return _original(*args, **kwargs)
+            raise AssertionError(f"blocking call {_name}() inside the event loop")
+        monkeypatch.setattr(module, attribute, guarded)
 
 
 @pytest.fixture
