@@ -1,0 +1,1 @@
+"""circuit-proxy benchmarks (see README.md)."""

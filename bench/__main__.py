@@ -1,0 +1,158 @@
+"""circuit-proxy benchmarks: `./dev bench` (or `python -m bench`), see bench/README.md.
+
+Starts a static upstream, the naive aiohttp proxy and circuit-proxy on 127.0.0.1 (the proxies
+pinned to core 1, the load and the upstream to core 0 when there are two cores), runs the
+scenarios interleaved, prints a markdown table and writes JSON + markdown to bench/results/.
+Bounded: `--quick` takes about two minutes, the full run about ten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import procs, report, scenarios
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def write_config(workdir: Path, upstream_port: int, faulty_port: int, reaction_services: list[str]) -> Path:
+    """The config circuit-proxy runs with: the healthy service, two open-path services and
+    one fresh service per reaction run (so every run starts from a breaker that never opened)."""
+    (workdir / "config").mkdir(parents=True)
+    (workdir / "fallback_responses").mkdir()
+    (workdir / "fallback_responses" / "bench.json").write_text(json.dumps({
+        "status": 200, "headers": {"Content-Type": "application/json"},
+        "body": {"fallback": True, "breaker": "{{breaker}}"}}))
+    reaction = ""
+    for name in reaction_services:
+        reaction += textwrap.dedent(f"""\
+          {name}:
+            upstream: http://127.0.0.1:{faulty_port}
+            failure_threshold: {scenarios.FAILURE_THRESHOLD}
+            timeout_ms: {scenarios.REACTION_TIMEOUT_MS}
+            open_timeout_ms: {scenarios.REACTION_OPEN_MS}
+            backoff_multiplier: 1.0
+            max_concurrent: {scenarios.BULKHEAD if name.endswith('_bh') else 0}
+        """)
+    text = textwrap.dedent(f"""\
+        server: {{host: 127.0.0.1, port: 8080}}
+        storage: {{path: {workdir / 'var' / 'bench.db'}}}
+        defaults:
+          jitter: 0.0
+          max_concurrent: 0
+        services:
+          bench:
+            upstream: http://127.0.0.1:{upstream_port}
+          openplain:
+            upstream: http://127.0.0.1:{faulty_port}
+            failure_threshold: 1
+            open_timeout_ms: 3600000
+            max_open_timeout_ms: 3600000
+          openstatic:
+            upstream: http://127.0.0.1:{faulty_port}
+            failure_threshold: 1
+            open_timeout_ms: 3600000
+            max_open_timeout_ms: 3600000
+            routes:
+              default:
+                fallback: {{type: static, file: bench.json}}
+        """) + textwrap.indent(reaction, "  ")
+    path = workdir / "config" / "bench.yaml"
+    path.write_text(text)
+    return path
+
+
+async def run(args: argparse.Namespace) -> dict:
+    proxy_prefix, load_prefix = ([], []) if args.no_pin else procs.pinning()
+    use_wrk = shutil.which("wrk") is not None and args.loadgen != "builtin"
+    plan = scenarios.Plan.make(quick=args.quick, duration=args.duration, reps=args.reps,
+                               load_prefix=load_prefix, use_wrk=use_wrk,
+                               budget_s=args.budget or (150 if args.quick else 900))
+    only = set(args.only.split(",")) if args.only else {"healthy", "open", "reaction", "queue"}
+    workdir = Path(tempfile.mkdtemp(prefix="circuit-bench-"))
+    log(f"working in {workdir}; load generator: {'wrk' if use_wrk else 'built-in'}; "
+        f"pinning: {'proxies on core 1, load + upstream on core 0' if proxy_prefix else 'none'}")
+    started: list[procs.Proc] = []
+    results: dict = {"meta": {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
+                   f"{platform.python_version()}, {platform.system()} {platform.release()}",
+        "load_generator": "wrk" if use_wrk else "built-in (bench/loadgen.py)",
+        "pinning": "proxy on core 1, load + upstream on core 0" if proxy_prefix else "none",
+        "quick": plan.quick, "reps": plan.reps, "duration_s": plan.duration,
+        "reaction_fault_s": plan.reaction_fault_s, "matrix": plan.healthy_matrix}}
+    try:
+        upstream = procs.start_upstream(load_prefix, workdir)
+        faulty = procs.start_upstream(load_prefix, workdir, "faulty-upstream")
+        started += [upstream, faulty]
+        reaction_services = [f"r{i}{suffix}" for i in range(plan.reps * 3) for suffix in ("", "_bh")]
+        config = write_config(workdir, upstream.port, faulty.port, reaction_services)
+        circuit = procs.start_circuit_proxy(proxy_prefix, workdir, config,
+                                            {"CIRCUIT_PROXY_ADMIN_TOKEN": "bench"})
+        started.append(circuit)
+        naive = procs.start_naive(proxy_prefix, workdir, upstream.port, 5.0)
+        naive_faulty = procs.start_naive(proxy_prefix, workdir, faulty.port,
+                                         scenarios.REACTION_TIMEOUT_MS / 1000, "naive-faulty")
+        started += [naive, naive_faulty]
+        if "healthy" in only:
+            results["healthy"] = await scenarios.healthy(plan, upstream, naive, circuit, log)
+        if "open" in only:
+            results["open_path"] = await scenarios.open_path(plan, circuit, faulty, log)
+        if "reaction" in only:
+            results["reaction"] = await scenarios.reaction(plan, circuit, naive_faulty, faulty,
+                                                           reaction_services, log)
+        if "queue" in only:
+            results["queue"] = await scenarios.queue_accept(plan, workdir, log)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (about 2 minutes)")
+    parser.add_argument("--duration", type=float, help="seconds per closed-loop run")
+    parser.add_argument("--reps", type=int, help="interleaved repetitions (medians are reported)")
+    parser.add_argument("--only", help="comma list of healthy,open,reaction,queue")
+    parser.add_argument("--loadgen", choices=("auto", "builtin"), default="auto",
+                        help="auto: wrk when installed, else the built-in generator")
+    parser.add_argument("--budget", type=float, help="seconds after which optional repetitions stop")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, config)")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop  # noqa: PLC0415
+        results = uvloop.run(run(args))
+    except ImportError:
+        results = asyncio.run(run(args))
+    text = report.render(results)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + ("-quick" if args.quick else "")
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{stamp}.md").write_text(text)
+    log(f"wrote bench/results/{stamp}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Markdown tables from one benchmark run's results (the JSON that `__main__` writes)."""
+
+from __future__ import annotations
+
+
+def _n(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def render(results: dict) -> str:
+    meta = results["meta"]
+    out = [f"## circuit-proxy benchmark — {meta['started']}", "",
+           f"{meta['machine']}; load: {meta['load_generator']}; pinning: {meta['pinning']}; "
+           f"{meta['reps']} interleaved rep(s) of {meta['duration_s']} s each, medians shown"
+           + ("; quick mode" if meta["quick"] else "") + ".", ""]
+    healthy = results.get("healthy") or []
+    if healthy:
+        out += ["### Healthy path (closed loop)", ""]
+        rows = []
+        for row in healthy:
+            rows.append([row["body"], str(row["connections"]), row["target"], _n(row["rps"], 0),
+                         _n(row["p50_ms"]), _n(row["p99_ms"]), _n(row["p999_ms"]),
+                         _n(row.get("cpu_s_per_1k"), 3), _n(row.get("rss_peak_mb"), 1),
+                         _n(row.get("rss_growth_mb"), 1), str(row["errors"] + row["non_2xx"])])
+        out += _table(["body", "conns", "target", "req/s", "p50 ms", "p99 ms", "p99.9 ms",
+                       "CPU s / 1k req", "peak RSS MB", "RSS growth MB", "errors"], rows)
+        out += [""] + [f"- {line}" for line in verdicts(results)] + [""]
+    open_rows = results.get("open_path") or []
+    if open_rows:
+        out += ["### Open path (breaker open)", ""]
+        rows = [[row["variant"], row.get("fallback_header") or "—", _n(row["rps"], 0), _n(row["p50_ms"]),
+                 _n(row["p99_ms"]), _n(row["steady_p50_ms"], 3), _n(row["steady_p99_ms"], 3),
+                 _n(row["steady_p999_ms"], 3), str(row["leaked"])] for row in open_rows]
+        out += _table(["variant", "X-Fallback", "req/s (50 conns)", "p50 ms", "p99 ms",
+                       "200 req/s p50 ms", "200 req/s p99 ms", "200 req/s p99.9 ms",
+                       "upstream calls leaked"], rows)
+        out.append("")
+    reaction = results.get("reaction") or []
+    if reaction:
+        out += [f"### Reaction (steady 200 req/s; the upstream fails for {meta['reaction_fault_s']} s, then heals)",
+                "", "circuit-proxy routes: `failure_threshold: 5`, `timeout_ms: 1000`, "
+                "`open_timeout_ms: 1000`, `backoff_multiplier: 1`; the naive proxy has the same 1 s timeout. "
+                "Leaked: calls that reached (or, refused, tried to reach) the upstream after it broke and "
+                "before the breaker first rejected one; probes: half-open trial calls after that.", ""]
+        rows = []
+        for row in reaction:
+            rows.append([row["fault"], row["target"] + (f" + bulkhead {row['bulkhead']}" if row["bulkhead"] else ""),
+                         "/".join(str(n) for n in row["leaked_each"]), _n(row["threshold"], 0),
+                         _n(row["probes"], 0),
+                         _n(row["time_to_fail_fast_ms"], 1), _n(row["rejections_p99_ms"], 3),
+                         _n(row["time_to_first_success_ms"], 1), _n(row["time_to_all_clear_ms"], 1)])
+        out += _table(["upstream", "proxy", "calls leaked before open (each rep)", "threshold",
+                       "half-open probes", "time to fail fast ms",
+                       "rejection p99 ms", "first success after heal ms", "all clear after heal ms"], rows)
+        out.append("")
+    queue = results.get("queue")
+    out += ["### Durable queue", ""]
+    if queue:
+        out += [f"- acceptances per second: {_n(queue.get('accepts_per_s'), 0)}"
+                + "".join(f"; {k}: {v}" for k, v in queue.items() if k != "accepts_per_s")]
+    else:
+        out += ["- not measured (bench/queue_accept.py absent)"]
+    return "\n".join(out) + "\n"
+
+
+def verdicts(results: dict) -> list[str]:
+    """The issue's targets, checked against this run."""
+    lines = []
+    healthy = {(r["body"], r["connections"], r["target"]): r for r in results.get("healthy") or []}
+    naive = healthy.get(("100B", 50, "naive aiohttp proxy"))
+    ours = healthy.get(("100B", 50, "circuit-proxy"))
+    if naive and ours and naive["rps"] and ours["rps"]:
+        ratio = ours["rps"] / naive["rps"]
+        lines.append(f"100 B, 50 conns: circuit-proxy {ratio:.2f}× the naive proxy's req/s "
+                     f"(target ≥ 2×: {'met' if ratio >= 2 else 'NOT met'})")
+        if ours.get("cpu_s_per_1k") and naive.get("cpu_s_per_1k"):
+            cpu = ours["cpu_s_per_1k"] / naive["cpu_s_per_1k"]
+            lines.append(f"CPU per 1k requests: {cpu:.2f}× the naive proxy's "
+                         f"(target ≤ 0.5×: {'met' if cpu <= 0.5 else 'NOT met'})")
+        for row in results.get("open_path") or []:
+            if row["variant"].endswith("no fallback") and row["rps"]:
+                ratio = row["rps"] / naive["rps"]
+                lines.append(f"open breaker: rejections at {ratio:.1f}× the naive proxy's healthy req/s "
+                             f"(target ≥ 4×: {'met' if ratio >= 4 else 'NOT met'}); p99 at 200 req/s "
+                             f"{_n(row['steady_p99_ms'], 3)} ms (target < 1 ms: "
+                             f"{'met' if (row['steady_p99_ms'] or 99) < 1 else 'NOT met'})")
+    large = healthy.get(("1MB", 50, "circuit-proxy"))
+    if large and large.get("rss_growth_mb") is not None:
+        lines.append(f"1 MB bodies at 50 conns: peak RSS growth {large['rss_growth_mb']:.1f} MB "
+                     f"(target < 10 MB: {'met' if large['rss_growth_mb'] < 10 else 'NOT met'})")
+    return lines
