@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import ClientSession, DummyCookieJar, TCPConnector, web
 
+from proxy import observability
 from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
 from proxy.fallbacks import build_fallback
 from proxy.forward import Proxy
 from proxy.metrics import Metrics
 from proxy.registry import Registry
-from proxy.status import status_json_handler
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 def build_app(settings: Settings, *, clock: Clock | None = None,
-              rng: random.Random | None = None) -> web.Application:
+              rng: random.Random | None = None, admin_token: str | None = None) -> web.Application:
     clock = clock or SystemClock()
     server = settings.server
     app = web.Application(client_max_size=server.max_body_bytes)
@@ -46,9 +46,9 @@ def build_app(settings: Settings, *, clock: Clock | None = None,
     app.cleanup_ctx.append(_client_session)
 
     app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/status.json", status_json_handler(registry))
     app.router.add_get("/metrics", _metrics_handler(registry, metrics))
-    app.router.add_route("*", "/admin/{tail:.*}", _not_found)
+    # /status, /status.json, /status/events, /admin/…; before the catch-alls below.
+    observability.install(app, settings, registry, metrics, admin_token=admin_token)
     app.router.add_route("*", "/status/{tail:.*}", _not_found)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

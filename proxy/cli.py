@@ -16,6 +16,8 @@ from proxy.app import build_app
 from proxy.config import Settings
 from proxy.config_load import ConfigError, load_settings
 from proxy.logs import setup_logging
+from proxy.observability import RELOADER
+from proxy.reload import reload_on_sighup
 
 log = logging.getLogger("proxy")
 
@@ -64,6 +66,7 @@ async def serve(settings: Settings, host: str, port: int,
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    stop_reloading = reload_on_sighup(app[RELOADER])
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
         await site.start()
@@ -74,6 +77,7 @@ async def serve(settings: Settings, host: str, port: int,
         log.info("shutting down: draining in-flight requests for up to %.0f s",
                  settings.server.drain_timeout_s)
     finally:
+        stop_reloading()
         # A second signal while draining must not kill the drain half-way.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, log.info, "already shutting down")

@@ -47,6 +47,17 @@ class Metrics:
         self.request_duration = Histogram("proxy_request_duration_seconds",
                                           "Whole request duration at the proxy", ["breaker"],
                                           buckets=_CALL_BUCKETS, registry=r)
+        # Beyond §6: the proxy's own machinery, so it can be watched like the breakers.
+        self.reloads = Counter("circuit_proxy_config_reloads_total",
+                               "Config reloads (SIGHUP, /admin/reload) by result", ["result"],
+                               registry=r)
+        self.webhook_deliveries = Counter("circuit_proxy_webhook_deliveries_total",
+                                          "Alert webhook POSTs by result", ["result"], registry=r)
+        self.status_clients = Gauge("circuit_proxy_status_stream_clients",
+                                    "Open /status/events connections", registry=r)
+        self.status_events_dropped = Counter("circuit_proxy_status_events_dropped_total",
+                                             "Live-status events a slow client did not get",
+                                             registry=r)
 
     def for_breaker(self, breaker: str, fallback: str | None) -> BreakerMetrics:
         return BreakerMetrics(self, breaker, fallback)
@@ -54,12 +65,22 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def fallback_counts(self) -> dict[str, int]:
+        """Fallbacks served per breaker, all fallback types summed (for the status page)."""
+        counts: dict[str, int] = {}
+        for family in self.fallbacks.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    breaker = sample.labels["breaker"]
+                    counts[breaker] = counts.get(breaker, 0) + int(sample.value)
+        return counts
+
 
 class BreakerMetrics:
     """The children of one breaker, resolved once."""
 
     __slots__ = ("_metrics", "name", "_states", "success", "failure", "rejected", "slow",
-                 "call_duration", "failure_rate", "fallback", "request_duration", "_codes")
+                 "call_duration", "failure_rate", "fallback", "request_duration", "_codes", "_removed")
 
     def __init__(self, metrics: Metrics, breaker: str, fallback: str | None) -> None:
         self._metrics = metrics
@@ -75,6 +96,7 @@ class BreakerMetrics:
         self.set_fallback(fallback)
         self.request_duration = metrics.request_duration.labels(breaker)
         self._codes: dict[int, object] = {}
+        self._removed = False
         self.show_state(State.CLOSED)
 
     def set_fallback(self, fallback: str | None) -> None:
@@ -92,12 +114,15 @@ class BreakerMetrics:
     def count_request(self, code: int, seconds: float) -> None:
         child = self._codes.get(code)
         if child is None:
+            if self._removed:
+                return  # a call that outlived its route (reload): no series may come back
             child = self._codes[code] = self._metrics.requests.labels(self.name, str(code))
         child.inc()
         self.request_duration.observe(seconds)
 
     def remove(self) -> None:
         """Drop every series of this breaker (its route left the config)."""
+        self._removed = True
         m = self._metrics
         for family, label_sets in (
             (m.state, [(self.name, s.value) for s in ALL_STATES]),

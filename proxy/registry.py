@@ -103,11 +103,20 @@ class Registry:
             if name not in new:
                 result.removed.append(name)
                 runtime.metrics.remove()
+            if name not in new or new[name].breaker is not runtime.breaker:
+                self._retire(runtime.breaker, runtime.metrics)
         self.settings = settings
         self.routes = new
         by_name = new
         self.router = Router(settings.services, lambda route: by_name[route.breaker_name])
         return result
+
+    def _retire(self, breaker: Breaker, metrics: BreakerMetrics) -> None:
+        """A breaker a reload replaced or removed: calls still in flight on it may move it,
+        but metrics, storage, alerts and the status page must not take that for the current
+        breaker of that name."""
+        for listener in (metrics.on_transition, *self._listeners):
+            breaker.remove_listener(listener)
 
     def _runtime(self, route: Route, upstream: str, previous: RouteRuntime | None) -> RouteRuntime:
         fallback_type = route.fallback.type if route.fallback else None
