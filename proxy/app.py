@@ -11,10 +11,13 @@ from aiohttp import ClientSession, DummyCookieJar, TCPConnector, web
 from proxy import observability
 from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
-from proxy.fallbacks import build_fallback
+from proxy.fallbacks import FallbackDeps, build_fallback
+from proxy.fallbacks.log import FallbackLog
+from proxy.fallbacks.queue import QueueBook
 from proxy.forward import Proxy
 from proxy.metrics import Metrics
 from proxy.registry import Registry
+from proxy.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,8 @@ REGISTRY = web.AppKey("registry", Registry)
 METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", Proxy)
 CLOCK = web.AppKey("clock", Clock)
+STORAGE = web.AppKey("storage", Storage)
+QUEUES = web.AppKey("queues", QueueBook)
 
 # Headers the client did not send are not added on its behalf.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -34,21 +39,34 @@ def build_app(settings: Settings, *, clock: Clock | None = None,
     server = settings.server
     app = web.Application(client_max_size=server.max_body_bytes)
     metrics = Metrics()
-    registry = Registry(settings, clock, metrics, lambda route, upstream: build_fallback(route, None),
+    storage = Storage(settings.storage.path)
+    queues = QueueBook(storage, clock, metrics, session=lambda: proxy.session)
+    deps = FallbackDeps(clock=clock, fallback_dir=settings.fallback_dir, storage=storage,
+                        metrics=metrics, session=lambda: proxy.session, queues=queues)
+    registry = Registry(settings, clock, metrics, lambda route, upstream: build_fallback(route, deps),
                         rng=rng)
+    deps.registry = registry
+    queues.attach(registry)
     proxy = Proxy(registry, clock, max_body_bytes=server.max_body_bytes,
                   max_header_bytes=server.max_header_bytes)
+    proxy.fallback_log = FallbackLog(storage, clock)
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[METRICS] = metrics
     app[REGISTRY] = registry
     app[PROXY] = proxy
+    app[STORAGE] = storage
+    app[QUEUES] = queues
+    # Storage opens first and closes last: everything else may write to it.
+    app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_queue_workers)  # replays need the session
 
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics_handler(registry, metrics))
     # /status, /status.json, /status/events, /admin/…; before the catch-alls below.
-    observability.install(app, settings, registry, metrics, admin_token=admin_token)
+    observability.install(app, settings, registry, metrics, queues=queues.statuses,
+                          admin_token=admin_token)
     app.router.add_route("*", "/status/{tail:.*}", _not_found)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
@@ -64,6 +82,18 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     app[PROXY].session = session
     yield
     await session.close()
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    await app[STORAGE].open()
+    yield
+    await app[STORAGE].close()  # writes what is still buffered
+
+
+async def _queue_workers(app: web.Application) -> AsyncIterator[None]:
+    await app[QUEUES].start()
+    yield
+    await app[QUEUES].stop()
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from proxy.fallbacks.template import TemplateError, load_response_file
+
 FALLBACK_TYPES = ("static", "cache", "queue", "table")
 
 Report = Callable[[str | None, str], None]
@@ -86,6 +88,11 @@ class _Checker:
             self.fail(key, f"{name!r} resolves outside {self.fallback_dir}")
         elif not target.is_file():
             self.fail(key, f"no such file in {self.fallback_dir}: {name!r}")
+        else:
+            try:
+                load_response_file(target)
+            except TemplateError as exc:
+                self.fail(key, f"{name}: {exc}")
         return name
 
 
@@ -98,7 +105,7 @@ def _static(c: _Checker) -> dict[str, Any]:
 
 
 def _cache(c: _Checker) -> dict[str, Any]:
-    c.known("max_age_s", "max_entries", "scale", "default_file", "max_body_bytes")
+    c.known("max_age_s", "max_entries", "scale", "default_file", "max_body_bytes", "max_bytes")
     scale = c.raw.get("scale", {})
     if not isinstance(scale, dict) or not all(
             isinstance(k, str) and _is_number(v) and v >= 0 for k, v in scale.items()):
@@ -108,6 +115,7 @@ def _cache(c: _Checker) -> dict[str, Any]:
         "max_age_s": c.number("max_age_s", 3600, 0.001),
         "max_entries": c.integer("max_entries", 10_000, 1),
         "max_body_bytes": c.integer("max_body_bytes", 1_048_576, 1),
+        "max_bytes": c.integer("max_bytes", 64 << 20, 1),  # all entries together
         "scale": dict(scale),
         "default_file": c.file("default_file", required=False),
     }
@@ -127,6 +135,9 @@ def _queue(c: _Checker) -> dict[str, Any]:
         "retry_max_ms": c.integer("retry_max_ms", 60_000, 1),
         "replay_timeout_ms": c.integer("replay_timeout_ms", None, 1),
     }
+    base, most = options["retry_base_ms"], options["retry_max_ms"]
+    if _is_int(base) and _is_int(most) and most < base:
+        c.fail("retry_max_ms", f"must be ≥ retry_base_ms ({base}), got {most}")
     limits = [k for k in ("floor_limit", "exposure_cap") if options[k] is not None]
     if limits and options["amount_field"] is None:
         c.fail(limits[0], "needs amount_field (the JSON field holding the amount)")
@@ -145,6 +156,12 @@ def _table(c: _Checker) -> dict[str, Any]:
     if not isinstance(zones, dict) or not all(isinstance(v, str) for v in zones.values()):
         c.fail("zones", f"must map request values to row names, got {zones!r}")
         zones = {}
+    zones = dict(zones)
+    for value in [k for k in zones if isinstance(k, bool)]:
+        # YAML 1.1 reads NO, no, off, yes, on as booleans: Norway would silently vanish.
+        c.fail("zones", f"key {value!r} is how YAML reads an unquoted NO/OFF/YES/ON; quote country "
+                        'codes ("NO": europe)')
+        del zones[value]
     if not isinstance(rows, dict) or not rows:
         c.fail("rows" if "rows" in c.raw else None, "rows: required, a mapping of row name → row")
         rows = {}

@@ -1,0 +1,200 @@
+"""`cache`: the last-known-good answer while the upstream is away (§5, RFC 5861 stale-if-error).
+
+Successful GET responses of the route are remembered per method + path + query in a bounded
+LRU (entries and bytes); while the breaker rejects calls (or a let-through call fails) the
+entry is served with `Age` and `X-Fallback-Estimated: true`, its top-level numeric JSON fields
+named in `scale` multiplied and floored (inventory "estimated availability": never oversell).
+Scaling happens once, when the response is remembered, so serving is a dictionary lookup.
+Nothing here touches the disk: the cache lives and dies with the process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from proxy.config import Route
+from proxy.fallbacks import DETAIL_KEY, FallbackContext, FallbackDeps
+from proxy.fallbacks.static import Canned, load_spec
+from proxy.headers import HOP_BY_HOP
+
+log = logging.getLogger(__name__)
+
+# Not replayed from the cache: framing, another client's cookies, the upstream's own clock.
+_NOT_KEPT = HOP_BY_HOP | {"content-length", "set-cookie", "date", "age"}
+# No longer true of a body the cache changed.
+_NOT_KEPT_SCALED = _NOT_KEPT | {"etag", "content-md5", "digest", "content-encoding"}
+_ESTIMATED = ("X-Fallback-Estimated", "true")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    stored_at: float  # clock.monotonic()
+
+
+def scale_document(document: Any, scale: dict[str, float]) -> Any:
+    """Top-level numeric fields multiplied and floored; a list of objects field by field."""
+    if isinstance(document, list):
+        return [scale_document(item, scale) if isinstance(item, dict) else item for item in document]
+    if not isinstance(document, dict):
+        return document
+    scaled = dict(document)
+    for field, factor in scale.items():
+        value = scaled.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            scaled[field] = math.floor(value * factor)
+    return scaled
+
+
+class ResponseCache:
+    """method + path + query → Entry: O(1) lookups, LRU over `max_entries` and `max_bytes`."""
+
+    __slots__ = ("_entries", "max_entries", "max_bytes", "size_bytes")
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.size_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: Entry) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.size_bytes -= len(old.body)
+        if len(entry.body) > self.max_bytes:
+            return
+        self._entries[key] = entry
+        self.size_bytes += len(entry.body)
+        while len(self._entries) > self.max_entries or self.size_bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.size_bytes -= len(evicted.body)
+
+    def discard(self, key: str) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.size_bytes -= len(old.body)
+
+
+class _Recording:
+    """Collects one successful response's body as it streams to the client."""
+
+    __slots__ = ("_fallback", "_key", "_status", "_headers", "_chunks", "_size")
+
+    def __init__(self, fallback: CacheFallback, key: str, status: int, headers: Any) -> None:
+        self._fallback = fallback
+        self._key = key
+        self._status = status
+        self._headers = headers
+        self._chunks: list[bytes] | None = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self._chunks is None:
+            return
+        self._size += len(chunk)
+        if self._size > self._fallback.max_body_bytes:
+            self._chunks = None  # too large to remember; the previous entry stays
+            return
+        self._chunks.append(chunk)
+
+    def finish(self) -> None:
+        if self._chunks is not None:
+            self._fallback.remember(self._key, self._status, self._headers, b"".join(self._chunks))
+
+
+class CacheFallback:
+    type = "cache"
+    buffer_request_bytes = 0
+
+    def __init__(self, route: Route, deps: FallbackDeps) -> None:
+        spec = route.fallback
+        assert spec is not None
+        options = spec.options
+        self.on_failure = spec.on_failure
+        self.name = route.breaker_name
+        self.max_age_s = float(options["max_age_s"])
+        self.max_body_bytes = int(options["max_body_bytes"])
+        self.scale: dict[str, float] = dict(options.get("scale") or {})
+        self.cache = ResponseCache(int(options["max_entries"]), int(options.get("max_bytes") or 64 << 20))
+        self._clock = deps.clock
+        default = options.get("default_file")
+        self.default = Canned(load_spec(deps, route, default), deps.clock) if default else None
+
+    # -- learning (successful calls) -----------------------------------------------------------
+
+    def recorder(self, request: web.Request, status: int, headers: Any) -> _Recording | None:
+        if request.method != "GET":
+            return None  # only safe, repeatable requests are answered from memory
+        cache_control = headers.get(hdrs.CACHE_CONTROL, "").lower()
+        if "no-store" in cache_control or "private" in cache_control:
+            return None
+        length = headers.get(hdrs.CONTENT_LENGTH)
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return None
+        return _Recording(self, request.raw_path, status, headers)
+
+    def remember(self, key: str, status: int, headers: Any, body: bytes) -> None:
+        dropped = _NOT_KEPT
+        if self.scale:
+            scaled = self._scaled(headers, body)
+            if scaled is None:
+                # Unscaled numbers could oversell; better no estimate than a wrong one.
+                log.debug("cache %s: %s not remembered: cannot apply scale", self.name, key)
+                self.cache.discard(key)
+                return
+            body, dropped = scaled, _NOT_KEPT_SCALED
+        kept = tuple((name, value) for name, value in headers.items() if name.lower() not in dropped)
+        self.cache.put(key, Entry(status, kept, body, self._clock.monotonic()))
+
+    @staticmethod
+    def _is_json(headers: Any) -> bool:
+        content_type = headers.get(hdrs.CONTENT_TYPE, "").split(";")[0].strip().lower()
+        return content_type == "application/json" or content_type.endswith("+json")
+
+    def _scaled(self, headers: Any, body: bytes) -> bytes | None:
+        if headers.get(hdrs.CONTENT_ENCODING, "identity").lower() != "identity" or not self._is_json(headers):
+            return None
+        try:
+            document = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return json.dumps(scale_document(document, self.scale)).encode()
+
+    # -- serving (breaker open, or the call failed) --------------------------------------------
+
+    async def serve(self, request: web.Request, ctx: FallbackContext) -> web.Response | None:
+        key = request.raw_path
+        entry = self.cache.get(key) if request.method == "GET" else None
+        if entry is not None:
+            age = self._clock.monotonic() - entry.stored_at
+            if age <= self.max_age_s:
+                headers = CIMultiDict(entry.headers)
+                age_s = str(max(0, int(age)))
+                headers[hdrs.AGE] = age_s
+                headers[_ESTIMATED[0]] = _ESTIMATED[1]
+                request[DETAIL_KEY] = f"age_s={age_s}"
+                return web.Response(status=entry.status, body=entry.body, headers=headers)
+            self.cache.discard(key)  # too old to stand for the upstream's answer
+        if self.default is not None:
+            request[DETAIL_KEY] = "default_file"
+            return await self.default.render(request, ctx, (_ESTIMATED,))
+        return None

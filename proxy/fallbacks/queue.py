@@ -1,0 +1,350 @@
+"""`queue`: store-and-forward (§5): payment "offline mode", the notification outbox.
+
+A request the breaker will not let through (or that got no answer) is written to SQLite, and
+only once that COMMIT is on disk does the client get `202` with `X-Queue-Id` and the
+`Idempotency-Key` every replay will carry (the client's, or one made here). The limits
+(`max_depth`, the payment `floor_limit` and `exposure_cap`) are checked inside the storage
+writer's transaction, against counters only that transaction changes, so they are exact under
+any concurrency and a refused request stores nothing. `replay.ReplayWorker` delivers.
+
+One `QueueBook` per app holds every queue (named after its breaker): its counters (depth,
+dead letters, exposure) live in memory so /status.json never reads SQLite. Never a 202 before
+the commit; never a replay of a maybe-delivered request that has no Idempotency-Key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import hdrs, web
+
+from proxy.breaker import State, Transition
+from proxy.clock import Clock
+from proxy.config import Route
+from proxy.fallbacks import (
+    DETAIL_KEY,
+    FallbackContext,
+    Recorder,
+    dig,
+    json_or_none,
+    request_body,
+    service_target,
+)
+from proxy.headers import upstream_request_headers
+from proxy.responses import json_response
+from proxy.storage import Storage, StorageError, register_schema
+
+if TYPE_CHECKING:
+    from aiohttp import ClientSession
+
+    from proxy.fallbacks.replay import ReplayWorker
+    from proxy.metrics import Metrics
+    from proxy.registry import Registry
+
+log = logging.getLogger(__name__)
+
+register_schema("queue", [
+    """
+    CREATE TABLE queue_items (
+        id INTEGER PRIMARY KEY,         -- acceptance order, across every queue
+        queue TEXT NOT NULL,            -- the breaker's name
+        state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead_letter')),
+        accepted_wall REAL NOT NULL,
+        updated_wall REAL NOT NULL,
+        method TEXT NOT NULL,
+        target TEXT NOT NULL,           -- path + query after /<service>, byte for byte
+        headers TEXT NOT NULL,          -- JSON [[name, value], …]: end-to-end, Idempotency-Key included
+        body BLOB NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        amount TEXT,                    -- decimal text of amount_field, for the exposure cap
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE INDEX queue_items_by_state ON queue_items (queue, state, id)
+    """,
+])
+
+INSERT = ("INSERT INTO queue_items (id, queue, state, accepted_wall, updated_wall, method, target,"
+          " headers, body, idempotency_key, amount) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)")
+IDEMPOTENCY_KEY = "Idempotency-Key"
+# Recomputed or meaningless on replay.
+_NOT_STORED = frozenset({"content-length", "expect"})
+
+
+class ItemState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD_LETTER = "dead_letter"
+
+
+class Refused(Exception):
+    """An acceptance limit said no; nothing was stored."""
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.detail = detail
+
+
+def _decimal(value: Any) -> Decimal | None:
+    """A JSON amount as an exact decimal, or None when it is not a finite number ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return None
+    return Decimal(value) if isinstance(value, int) else Decimal(repr(value))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOptions:
+    max_depth: int
+    max_attempts: int
+    max_body_bytes: int
+    amount_field: tuple[str, ...] | None
+    floor_limit: Decimal | None
+    exposure_cap: Decimal | None
+    retry_base_s: float
+    retry_max_s: float
+    replay_timeout_s: float | None
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> QueueOptions:
+        def limit(key: str) -> Decimal | None:
+            value = options.get(key)
+            return None if value is None else _decimal(value)
+        field = options.get("amount_field")
+        timeout = options.get("replay_timeout_ms")
+        return cls(max_depth=int(options["max_depth"]), max_attempts=int(options["max_attempts"]),
+                   max_body_bytes=int(options["max_body_bytes"]),
+                   amount_field=tuple(field.split(".")) if field else None,
+                   floor_limit=limit("floor_limit"), exposure_cap=limit("exposure_cap"),
+                   retry_base_s=options["retry_base_ms"] / 1000, retry_max_s=options["retry_max_ms"] / 1000,
+                   replay_timeout_s=None if timeout is None else timeout / 1000)
+
+    @property
+    def is_limited(self) -> bool:
+        return self.floor_limit is not None or self.exposure_cap is not None
+
+    def backoff_s(self, attempts: int) -> float:
+        """Wait after the `attempts`-th failed replay: exponential, capped."""
+        return min(self.retry_max_s, self.retry_base_s * 2 ** min(attempts - 1, 60))
+
+
+class QueueState:
+    """One queue's counters, options, wake-up event and metric children (bound once)."""
+
+    def __init__(self, name: str, options: QueueOptions, metrics: Metrics | None) -> None:
+        self.name = name
+        self.options = options
+        self.depth = 0  # pending, counting acceptances being committed
+        self.dead = 0
+        self.exposure = Decimal(0)  # sum of pending amounts
+        self.ready = asyncio.Event()  # counters loaded from the database
+        self.wake = asyncio.Event()  # something to deliver, or the breaker let calls through
+        self.worker: ReplayWorker | None = None
+        self.depth_gauge = metrics.queue_depth.labels(name) if metrics else None
+        self.replayed = {result: metrics.queue_replayed.labels(name, result.value)
+                         for result in (ItemState.DELIVERED, ItemState.DEAD_LETTER)} if metrics else {}
+        self.retried = metrics.queue_replayed.labels(name, "retried") if metrics else None
+
+    def show_depth(self) -> None:
+        if self.depth_gauge is not None:
+            self.depth_gauge.set(self.depth)
+
+
+class QueueBook:
+    """Every queue of the app, their acceptance and their replay workers."""
+
+    def __init__(self, storage: Storage, clock: Clock, metrics: Metrics | None = None, *,
+                 session: Callable[[], ClientSession | None] = lambda: None, poll_s: float = 0.5) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.metrics = metrics
+        self.session = session
+        self.poll_s = poll_s
+        self.registry: Registry | None = None
+        self.next_id = 1
+        self._queues: dict[str, QueueState] = {}
+        self._running = False
+        self._starting: set[asyncio.Task[None]] = set()  # queues added by a reload
+
+    # -- building (at load and reload) ---------------------------------------------------------
+
+    def fallback(self, route: Route) -> QueueFallback:
+        spec = route.fallback
+        assert spec is not None
+        options = QueueOptions.from_options(spec.options)
+        state = self._queues.get(route.breaker_name)
+        if state is None:
+            state = self._queues[route.breaker_name] = QueueState(route.breaker_name, options, self.metrics)
+            if self._running:
+                task = asyncio.get_running_loop().create_task(self._start_queue(state))
+                self._starting.add(task)
+                task.add_done_callback(self._starting.discard)
+        state.options = options
+        return QueueFallback(self, state, spec.on_failure)
+
+    def attach(self, registry: Registry) -> None:
+        self.registry = registry
+        registry.add_listener(self._on_transition)
+
+    def _on_transition(self, transition: Transition) -> None:
+        state = self._queues.get(transition.breaker)
+        if state is not None and transition.to_state not in (State.OPEN, State.FORCED_OPEN):
+            state.wake.set()
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load counters from the database and start one replay worker per queue."""
+        rows = await self.storage.fetchall("SELECT max(id) FROM queue_items")
+        self.next_id = (rows[0][0] or 0) + 1
+        self._running = True
+        for state in self._queues.values():
+            await self._start_queue(state)
+
+    async def _start_queue(self, state: QueueState) -> None:
+        from proxy.fallbacks.replay import ReplayWorker  # noqa: PLC0415  (replay imports this module)
+        counts = dict(await self.storage.fetchall(
+            "SELECT state, count(*) FROM queue_items WHERE queue = ? GROUP BY state", (state.name,)))
+        amounts = await self.storage.fetchall(
+            "SELECT amount FROM queue_items WHERE queue = ? AND state = 'pending' AND amount IS NOT NULL",
+            (state.name,))
+        state.depth = counts.get(ItemState.PENDING.value, 0)
+        state.dead = counts.get(ItemState.DEAD_LETTER.value, 0)
+        state.exposure = sum((Decimal(a) for (a,) in amounts), Decimal(0))
+        state.show_depth()
+        state.ready.set()
+        if state.depth:
+            log.info("queue %s: %d pending from before, replaying", state.name, state.depth)
+        state.worker = ReplayWorker(self, state)
+        state.worker.start()
+
+    async def stop(self) -> None:
+        self._running = False
+        for state in self._queues.values():
+            if state.worker is not None:
+                await state.worker.stop()
+                state.worker = None
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def statuses(self) -> list[dict[str, Any]]:
+        """`[{"name", "depth", "dead_letter"}]` for /status.json, from memory."""
+        return [{"name": s.name, "depth": s.depth, "dead_letter": s.dead,
+                 "exposure": float(s.exposure) if s.options.amount_field else None}
+                for s in self._queues.values()]
+
+    def get(self, name: str) -> QueueState | None:
+        return self._queues.get(name)
+
+    async def dead_letters(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest dead letters of a queue, without headers or body (they hold secrets)."""
+        rows = await self.storage.fetchall(
+            "SELECT id, method, target, idempotency_key, attempts, last_error, accepted_wall, updated_wall"
+            " FROM queue_items WHERE queue = ? AND state = 'dead_letter' ORDER BY id DESC LIMIT ?",
+            (name, limit))
+        keys = ("id", "method", "target", "idempotency_key", "attempts", "last_error",
+                "accepted_wall", "updated_wall")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    # -- acceptance (the request path) ---------------------------------------------------------
+
+    async def accept(self, state: QueueState, request: web.Request,
+                     ctx: FallbackContext) -> web.Response | None:
+        options = state.options
+        client_key = request.headers.get(IDEMPOTENCY_KEY, "").strip() or None
+        if ctx.maybe_delivered and client_key is None:
+            return None  # §4: it may have been done already; a replay without a key could do it twice
+        if not self._running:
+            return None
+        body = await request_body(request, ctx, options.max_body_bytes)
+        if body is None:
+            return None  # too large to store, or already sent upstream: the contract's error stands
+        amount = None
+        if options.amount_field is not None:
+            amount = _decimal(dig(json_or_none(body), options.amount_field))
+            if options.is_limited:
+                field = ".".join(options.amount_field)
+                if amount is None:
+                    return self._refused(state, request, Refused(
+                        "offline_limit", f"{field} must be a number ≥ 0 to be accepted offline"))
+                if options.floor_limit is not None and amount > options.floor_limit:
+                    return self._refused(state, request, Refused(
+                        "offline_limit", f"{field} {amount} exceeds floor_limit {options.floor_limit}"))
+        await state.ready.wait()
+        key = client_key or f"cp-{uuid.uuid4()}"
+        _, target = service_target(request)
+        headers = [[name, value] for name, value in upstream_request_headers(
+            request.headers.items(), request.headers.getall(hdrs.CONNECTION, ()),
+            client_ip=request.remote, proto=request.scheme, host=request.host)
+            if name.lower() not in _NOT_STORED]
+        if client_key is None:
+            headers.append([IDEMPOTENCY_KEY, key])
+        now = self.clock.wall()
+        row = [None, state.name, now, now, request.method, target, json.dumps(headers), body, key,
+               None if amount is None else str(amount)]
+        added = amount or Decimal(0)
+
+        def prepare() -> tuple[tuple[str, list[Any]], ...]:
+            # In the writer's transaction, serialised with every other acceptance: exact limits.
+            if state.depth >= options.max_depth:
+                raise Refused("queue_full", f"{state.depth} requests waiting (max_depth {options.max_depth})")
+            if options.exposure_cap is not None and state.exposure + added > options.exposure_cap:
+                raise Refused("offline_limit", f"outstanding {state.exposure} + {added} would exceed "
+                                               f"exposure_cap {options.exposure_cap}")
+            row[0] = self.next_id
+            self.next_id += 1
+            state.depth += 1
+            state.exposure += added
+            return ((INSERT, row),)
+
+        def undo() -> None:
+            state.depth -= 1
+            state.exposure -= added
+
+        try:
+            await self.storage.transact(prepare, undo)
+        except Refused as refusal:
+            return self._refused(state, request, refusal)
+        except StorageError as exc:
+            log.error("queue %s: request not stored: %s", state.name, exc)
+            return None  # never a 202 that is not on disk
+        state.show_depth()
+        state.wake.set()
+        item_id = row[0]
+        request[DETAIL_KEY] = f"queue_id={item_id}"
+        return json_response(202, {"status": "queued", "queue": state.name, "queue_id": item_id,
+                                   "idempotency_key": key},
+                             {"X-Queue-Id": str(item_id), IDEMPOTENCY_KEY: key})
+
+    @staticmethod
+    def _refused(state: QueueState, request: web.Request, refusal: Refused) -> web.Response:
+        request[DETAIL_KEY] = f"{refusal.error}: {refusal.detail}"
+        return json_response(503, {"error": refusal.error, "breaker": state.name, "detail": refusal.detail})
+
+
+class QueueFallback:
+    """The data path's view of one queue."""
+
+    type = "queue"
+
+    def __init__(self, book: QueueBook, state: QueueState, on_failure: bool) -> None:
+        self.book = book
+        self.state = state
+        self.on_failure = on_failure
+        # So a call that fails after sending can still be stored (§4, `on_failure`).
+        self.buffer_request_bytes = state.options.max_body_bytes
+
+    async def serve(self, request: web.Request, ctx: FallbackContext) -> web.Response | None:
+        return await self.book.accept(self.state, request, ctx)
+
+    def recorder(self, request: web.Request, status: int, headers: Any) -> Recorder | None:
+        return None

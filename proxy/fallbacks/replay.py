@@ -1,0 +1,231 @@
+"""The replay worker: delivers one queue's requests, in acceptance order, once the upstream is
+healthy again (§5).
+
+Each replay goes through the route's breaker like any call: while it is open the worker waits
+(woken by the transition, or by polling, since open → half_open is lazy); in half_open it
+takes a trial permit, so a successful replay closes the breaker as a client's call would; the
+outcome is recorded. A 2xx is delivered, a 4xx is the request's own fault (dead letter at
+once), anything else (5xx, refused, reset, timeout) is retried with exponential backoff and
+becomes a dead letter after `max_attempts`. The head of the queue blocks the rest: order
+matters more than throughput for an outbox.
+
+Every replay carries the Idempotency-Key given at acceptance, so a request delivered just
+before a crash and delivered again after the restart is done once by the upstream. Marks
+(delivered, dead letter) are committed in small groups; this module never drops a pending
+request and never sends one twice without its key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import ClientError, ClientTimeout
+from yarl import URL
+
+from proxy.breaker import Permit, State
+from proxy.fallbacks.queue import ItemState, QueueBook, QueueState
+from proxy.storage import StorageError
+
+if TYPE_CHECKING:
+    from proxy.registry import RouteRuntime
+
+log = logging.getLogger(__name__)
+
+PAGE = 200  # pending requests read at a time
+MARK_GROUP = 64  # marks committed together
+_SELECT = ("SELECT id, method, target, headers, body, amount, attempts FROM queue_items"
+           " WHERE queue = ? AND state = 'pending' ORDER BY id LIMIT ?")
+_MARK = "UPDATE queue_items SET state = ?, attempts = ?, last_error = ?, updated_wall = ? WHERE id = ?"
+_ATTEMPT = "UPDATE queue_items SET attempts = ?, last_error = ?, updated_wall = ? WHERE id = ?"
+_WAITING = (State.OPEN, State.FORCED_OPEN)
+
+
+class ReplayWorker:
+    def __init__(self, book: QueueBook, state: QueueState) -> None:
+        self.book = book
+        self.state = state
+        self._task: asyncio.Task[None] | None = None
+        # (id, state, attempts, last_error, amount) decided but not yet committed.
+        self._marks: list[tuple[int, ItemState, int, str | None, Decimal]] = []
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"replay-{self.state.name}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # we are being cancelled ourselves
+        await self._flush()  # what was delivered stays delivered
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        state = self.state
+        while True:
+            try:
+                if state.depth <= 0:
+                    await self._wait(None)
+                    continue
+                rows = await self.book.storage.fetchall(_SELECT, (state.name, PAGE))
+                if not rows:
+                    await self._wait(self.book.poll_s)  # an acceptance is still being committed
+                    continue
+                for row in rows:
+                    await self._replay(row)
+                await self._flush()
+            except StorageError as exc:
+                log.error("queue %s: replay paused: %s", state.name, exc)
+                await asyncio.sleep(self.book.poll_s)
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until woken (acceptance, transition) or `timeout` seconds have passed."""
+        await self._flush()
+        wake = self.state.wake
+        if timeout is None:
+            await wake.wait()
+        else:
+            try:
+                await asyncio.wait_for(wake.wait(), timeout)
+            except TimeoutError:
+                pass
+        wake.clear()
+
+    async def _replay(self, row: tuple[Any, ...]) -> None:
+        item_id, method, target, headers_json, body, amount, attempts = row
+        headers = [tuple(pair) for pair in json.loads(headers_json)]
+        amount = Decimal(amount) if amount is not None else Decimal(0)
+        while True:
+            runtime, permit = await self._permit()
+            result, error = await self._send(runtime, permit, method, target, headers, body)
+            options = self.state.options
+            if result is ItemState.DELIVERED or result is ItemState.DEAD_LETTER:
+                await self._mark(item_id, result, attempts + 1, error, amount)
+                return
+            attempts += 1
+            if attempts >= options.max_attempts:
+                await self._mark(item_id, ItemState.DEAD_LETTER, attempts, error, amount)
+                return
+            if self.state.retried is not None:
+                self.state.retried.inc()
+            self.book.storage.record(_ATTEMPT, (attempts, error, self.book.clock.wall(), item_id))
+            delay = options.backoff_s(attempts)
+            log.info("queue %s: replay of %d failed (%s), attempt %d of %d, next in %.1f s",
+                     self.state.name, item_id, error, attempts, options.max_attempts, delay)
+            await self._flush()
+            await asyncio.sleep(delay)
+
+    async def _permit(self) -> tuple[RouteRuntime, Permit]:
+        """A permit from the route's breaker, waiting while it is open or its trials are taken."""
+        poll_s = self.book.poll_s
+        while True:
+            registry = self.book.registry
+            runtime = registry.get(self.state.name) if registry is not None else None
+            if runtime is None or runtime.fallback is None or runtime.fallback.type != "queue":
+                await self._wait(poll_s)  # the route left the config: keep the requests, wait
+                continue
+            breaker = runtime.breaker
+            if breaker.state in _WAITING:
+                retry_after = breaker.retry_after()
+                await self._wait(poll_s if retry_after is None else min(poll_s, max(retry_after, 0.001)))
+                continue
+            permit = breaker.try_acquire()
+            if permit is None:
+                await self._wait(poll_s)  # half-open and every trial slot is taken
+                continue
+            return runtime, permit
+
+    async def _send(self, runtime: RouteRuntime, permit: Permit, method: str, target: str,
+                    headers: list[Any], body: bytes) -> tuple[ItemState | None, str | None]:
+        """(delivered | dead_letter | None for retry, error text)."""
+        session = self.book.session()
+        breaker = runtime.breaker
+        if session is None:
+            breaker.release(permit)
+            await asyncio.sleep(self.book.poll_s)
+            return None, "no client session"
+        policy = runtime.route.policy
+        total = self.state.options.replay_timeout_s or runtime.timeout_s
+        timeout = ClientTimeout(total=total, connect=policy.connect_timeout_ms / 1000)
+        try:
+            async with session.request(method, URL(runtime.upstream + target, encoded=True),
+                                       headers=headers, data=body, timeout=timeout,
+                                       allow_redirects=False) as response:
+                answer = await response.read()
+                status = response.status
+        except asyncio.CancelledError:
+            breaker.release(permit)
+            raise
+        except (ClientError, asyncio.TimeoutError) as exc:
+            self._record(runtime, permit, failed=True)
+            return None, f"{type(exc).__name__}: {exc}"[:300]
+        self._record(runtime, permit, failed=status in runtime.failure_statuses)
+        if 200 <= status < 300:
+            return ItemState.DELIVERED, None
+        error = f"HTTP {status}: {answer[:200].decode(errors='replace')}"
+        if 400 <= status < 500:
+            return ItemState.DEAD_LETTER, error  # the request itself is wrong: retrying cannot help
+        return None, error
+
+    @staticmethod
+    def _record(runtime: RouteRuntime, permit: Permit, *, failed: bool) -> None:
+        duration = runtime.breaker.record(permit, failed=failed)
+        metrics = runtime.metrics
+        (metrics.failure if failed else metrics.success).inc()
+        metrics.call_duration.observe(duration)
+        if duration * 1000 >= runtime.route.policy.slow_call_duration_ms:
+            metrics.slow.inc()
+
+    # -- marks -------------------------------------------------------------------------------------
+
+    async def _mark(self, item_id: int, result: ItemState, attempts: int, error: str | None,
+                    amount: Decimal) -> None:
+        if result is ItemState.DEAD_LETTER:
+            log.warning("queue %s: request %d moved to dead letters after %d attempts: %s",
+                        self.state.name, item_id, attempts, error)
+        self._marks.append((item_id, result, attempts, error, amount))
+        if len(self._marks) >= MARK_GROUP:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        marks, self._marks = self._marks, []
+        if not marks:
+            return
+        state = self.state
+        now = self.book.clock.wall()
+
+        def prepare() -> list[tuple[str, tuple[Any, ...]]]:
+            # Counters move inside the writer's transaction, as acceptances do.
+            for _, result, _, _, amount in marks:
+                state.depth -= 1
+                state.exposure -= amount
+                state.dead += result is ItemState.DEAD_LETTER
+            return [(_MARK, (result.value, attempts, error, now, item_id))
+                    for item_id, result, attempts, error, _ in marks]
+
+        def undo() -> None:
+            for _, result, _, _, amount in marks:
+                state.depth += 1
+                state.exposure += amount
+                state.dead -= result is ItemState.DEAD_LETTER
+
+        try:
+            await self.book.storage.transact(prepare, undo)
+        except StorageError as exc:
+            log.error("queue %s: %d marks not stored, they will be replayed: %s", state.name, len(marks), exc)
+            return
+        state.show_depth()
+        for _, result, _, _, _ in marks:
+            child = state.replayed.get(result)
+            if child is not None:
+                child.inc()
