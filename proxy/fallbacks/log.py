@@ -38,6 +38,7 @@ register_schema("fallback_logs", [
 
 INSERT = ("INSERT INTO fallback_logs (at_wall, breaker, type, method, path, status, reason, detail)"
           " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+EXPIRE = "DELETE FROM fallback_logs WHERE at_wall < ?"
 MAX_PATH = 512  # a log row, not an archive of hostile URLs
 
 

@@ -71,10 +71,14 @@ register_schema("queue", [
     );
     CREATE INDEX queue_items_by_state ON queue_items (queue, state, id)
     """,
+    # Expiry of delivered requests (housekeeping) without a scan.
+    "CREATE INDEX queue_items_done ON queue_items (state, updated_wall)",
 ])
 
 INSERT = ("INSERT INTO queue_items (id, queue, state, accepted_wall, updated_wall, method, target,"
           " headers, body, idempotency_key, amount) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)")
+EXPIRE_DELIVERED = "DELETE FROM queue_items WHERE state = 'delivered' AND updated_wall < ?"
+HOUSEKEEPING_INTERVAL_S = 600.0
 IDEMPOTENCY_KEY = "Idempotency-Key"
 # Recomputed or meaningless on replay.
 _NOT_STORED = frozenset({"content-length", "expect"})
@@ -174,6 +178,7 @@ class QueueBook:
         self._queues: dict[str, QueueState] = {}
         self._running = False
         self._starting: set[asyncio.Task[None]] = set()  # queues added by a reload
+        self._housekeeper: asyncio.Task[None] | None = None
 
     # -- building (at load and reload) ---------------------------------------------------------
 
@@ -209,6 +214,18 @@ class QueueBook:
         self._running = True
         for state in self._queues.values():
             await self._start_queue(state)
+        self._housekeeper = asyncio.get_running_loop().create_task(self._expire(), name="fallback-expiry")
+
+    async def _expire(self) -> None:
+        """Delivered requests and fallback_logs older than `storage.retention_hours` go, now and
+        then; dead letters stay until someone deals with them."""
+        from proxy.fallbacks.log import EXPIRE as EXPIRE_LOGS  # noqa: PLC0415
+        while True:
+            if self.registry is not None:
+                cutoff = self.clock.wall() - self.registry.settings.storage.retention_hours * 3600
+                self.storage.record(EXPIRE_DELIVERED, (cutoff,))
+                self.storage.record(EXPIRE_LOGS, (cutoff,))
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
 
     async def _start_queue(self, state: QueueState) -> None:
         from proxy.fallbacks.replay import ReplayWorker  # noqa: PLC0415  (replay imports this module)
@@ -229,6 +246,10 @@ class QueueBook:
 
     async def stop(self) -> None:
         self._running = False
+        housekeeper, self._housekeeper = self._housekeeper, None
+        if housekeeper is not None:
+            housekeeper.cancel()
+            await asyncio.gather(housekeeper, return_exceptions=True)
         for state in self._queues.values():
             if state.worker is not None:
                 await state.worker.stop()

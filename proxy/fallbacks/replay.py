@@ -6,13 +6,16 @@ Each replay goes through the route's breaker like any call: while it is open the
 takes a trial permit, so a successful replay closes the breaker as a client's call would; the
 outcome is recorded. A 2xx is delivered, a 4xx is the request's own fault (dead letter at
 once), anything else (5xx, refused, reset, timeout) is retried with exponential backoff and
-becomes a dead letter after `max_attempts`. The head of the queue blocks the rest: order
-matters more than throughput for an outbox.
+becomes a dead letter after `max_attempts` attempts the upstream received (a refused
+connection says nothing about the request, so a long outage never dead-letters the head of
+the queue). The head of the queue blocks the rest: order matters more than throughput for an
+outbox.
 
 Every replay carries the Idempotency-Key given at acceptance, so a request delivered just
 before a crash and delivered again after the restart is done once by the upstream. Marks
-(delivered, dead letter) are committed in small groups; this module never drops a pending
-request and never sends one twice without its key.
+(delivered, dead letter) are committed in groups of up to MARK_GROUP, so after kill -9 at
+most that many are sent again; this module never drops a pending request and never sends one
+without its key.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import logging
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import ClientError, ClientTimeout
+from aiohttp import ClientConnectorError, ClientError, ClientTimeout, ConnectionTimeoutError
 from yarl import URL
 
 from proxy.breaker import Permit, State
@@ -105,21 +108,26 @@ class ReplayWorker:
         item_id, method, target, headers_json, body, amount, attempts = row
         headers = [tuple(pair) for pair in json.loads(headers_json)]
         amount = Decimal(amount) if amount is not None else Decimal(0)
+        failures = 0
         while True:
             runtime, permit = await self._permit()
-            result, error = await self._send(runtime, permit, method, target, headers, body)
+            result, error, sent = await self._send(runtime, permit, method, target, headers, body)
             options = self.state.options
             if result is ItemState.DELIVERED or result is ItemState.DEAD_LETTER:
                 await self._mark(item_id, result, attempts + 1, error, amount)
                 return
-            attempts += 1
-            if attempts >= options.max_attempts:
-                await self._mark(item_id, ItemState.DEAD_LETTER, attempts, error, amount)
-                return
+            failures += 1
+            if sent:
+                # Only an attempt the upstream saw counts towards max_attempts: a long outage
+                # (connections refused) must not turn the head of the queue into a dead letter.
+                attempts += 1
+                if attempts >= options.max_attempts:
+                    await self._mark(item_id, ItemState.DEAD_LETTER, attempts, error, amount)
+                    return
             if self.state.retried is not None:
                 self.state.retried.inc()
             self.book.storage.record(_ATTEMPT, (attempts, error, self.book.clock.wall(), item_id))
-            delay = options.backoff_s(attempts)
+            delay = options.backoff_s(failures)
             log.info("queue %s: replay of %d failed (%s), attempt %d of %d, next in %.1f s",
                      self.state.name, item_id, error, attempts, options.max_attempts, delay)
             await self._flush()
@@ -146,14 +154,13 @@ class ReplayWorker:
             return runtime, permit
 
     async def _send(self, runtime: RouteRuntime, permit: Permit, method: str, target: str,
-                    headers: list[Any], body: bytes) -> tuple[ItemState | None, str | None]:
-        """(delivered | dead_letter | None for retry, error text)."""
+                    headers: list[Any], body: bytes) -> tuple[ItemState | None, str | None, bool]:
+        """(delivered | dead_letter | None for retry, error text, did the upstream get it)."""
         session = self.book.session()
         breaker = runtime.breaker
         if session is None:
             breaker.release(permit)
-            await asyncio.sleep(self.book.poll_s)
-            return None, "no client session"
+            return None, "no client session", False
         policy = runtime.route.policy
         total = self.state.options.replay_timeout_s or runtime.timeout_s
         timeout = ClientTimeout(total=total, connect=policy.connect_timeout_ms / 1000)
@@ -168,14 +175,15 @@ class ReplayWorker:
             raise
         except (ClientError, asyncio.TimeoutError) as exc:
             self._record(runtime, permit, failed=True)
-            return None, f"{type(exc).__name__}: {exc}"[:300]
+            never_sent = isinstance(exc, (ClientConnectorError, ConnectionTimeoutError))
+            return None, f"{type(exc).__name__}: {exc}"[:300], not never_sent
         self._record(runtime, permit, failed=status in runtime.failure_statuses)
         if 200 <= status < 300:
-            return ItemState.DELIVERED, None
+            return ItemState.DELIVERED, None, True
         error = f"HTTP {status}: {answer[:200].decode(errors='replace')}"
         if 400 <= status < 500:
-            return ItemState.DEAD_LETTER, error  # the request itself is wrong: retrying cannot help
-        return None, error
+            return ItemState.DEAD_LETTER, error, True  # the request itself is wrong: retrying cannot help
+        return None, error, True
 
     @staticmethod
     def _record(runtime: RouteRuntime, permit: Permit, *, failed: bool) -> None:
