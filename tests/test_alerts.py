@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -14,7 +15,7 @@ from proxy.alerts import Alerter, alert_payload
 from proxy.breaker import State, Transition
 from proxy.clock import FakeClock
 from proxy.config import AlertSettings, Webhook
-from proxy.logs import KeyValueFormatter
+from proxy.logs import JsonFormatter, KeyValueFormatter
 from proxy.metrics import Metrics
 
 AT = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -193,3 +194,18 @@ async def test_opening_warns_closing_informs_and_the_webhook_hears_both(start_pr
     assert [(level, "breaker=payment.charges" in line, line.split("to_state=")[1].split()[0])
             for level, line in lines] == [
         ("WARNING", True, "open"), ("INFO", True, "half_open"), ("INFO", True, "closed")]
+
+
+def test_a_transition_is_one_line_in_either_log_format(caplog):
+    caplog.set_level(logging.INFO, logger="proxy.alerts")
+    alerter = Alerter(AlertSettings(), Metrics())
+    alerter.on_transition(transition(State.OPEN))
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert KeyValueFormatter().format(record).endswith(
+        "WARNING proxy.alerts: breaker opened breaker=payment.charges from_state=closed to_state=open "
+        "reason=consecutive_failures")
+    document = json.loads(JsonFormatter().format(record))
+    assert {k: document[k] for k in ("level", "message", "breaker", "from_state", "to_state")} == {
+        "level": "WARNING", "message": "breaker opened", "breaker": "payment.charges",
+        "from_state": "closed", "to_state": "open"}

@@ -1,0 +1,69 @@
+"""Observability through `circuit-proxy run` as a user starts it: the generated admin token is
+logged once and works, and an open status page does not hold up SIGTERM's drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.real_tools import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = """
+storage: {path: $db}
+server: {drain_timeout_s: 30}
+services:
+  payment: {upstream: $payment}
+"""
+
+
+async def read_until(stream: asyncio.StreamReader, needle: str, lines: list[str]) -> str:
+    async def scan() -> str:
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(lines))
+            lines.append(raw.decode())
+            if needle in lines[-1]:
+                return lines[-1]
+    return await asyncio.wait_for(scan(), 30)
+
+
+async def test_token_logged_once_and_an_open_status_stream_does_not_delay_shutdown(write_config):
+    port = free_port()
+    path = write_config(CONFIG)
+    env = {key: value for key, value in os.environ.items() if key != "CIRCUIT_PROXY_ADMIN_TOKEN"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(path), "--port", str(port), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    lines: list[str] = []
+    base = f"http://127.0.0.1:{port}"
+    loop = asyncio.get_running_loop()
+    try:
+        token_line = await read_until(process.stdout, "admin token: ", lines)
+        token = re.search(r"admin token: (\S+)$", token_line.rstrip("\n")).group(1)
+        await read_until(process.stdout, "listening on", lines)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/admin/breakers/payment.default/force-open",
+                                    headers={"Authorization": f"Bearer {token}"}) as response:
+                assert (response.status, (await response.json())["state"]) == (200, "forced_open")
+            async with session.get(f"{base}/status/events") as stream:
+                assert (await stream.content.readline()).startswith(b"retry:")
+                started = loop.time()
+                process.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(stream.content.read(), 10)  # the server ends the stream
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+        assert loop.time() - started < 5  # not the 30 s drain timeout
+        rest = (await process.stdout.read()).decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    output = "".join(lines) + rest
+    assert output.count(token) == 1  # logged once, never again
