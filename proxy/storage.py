@@ -226,7 +226,15 @@ class Storage:
                     pass
             jobs, self._jobs = self._jobs, []
             records = [self._records.popleft() for _ in range(min(len(self._records), self._batch_max))]
-            await self._write(records, jobs)
+            try:
+                await self._write(records, jobs)
+            except Exception as exc:
+                # A bug here must not kill the writer: every later promise would wait forever.
+                log.exception("storage: writer failed; %d records lost", len(records))
+                self.dropped += len(records)
+                for job in jobs:
+                    _settle(job.future, StorageError(f"{self.path}: write failed: {exc}"))
+                await asyncio.sleep(self._flush_interval_s)
             if self._dropping and len(self._records) < self._buffer_max // 2:
                 self._dropping = False
                 log.warning("storage: record buffer drained; %d records dropped so far", self.dropped)
@@ -269,9 +277,9 @@ class Storage:
             try:
                 await self._commit(job.statements)
             except (sqlite3.Error, ValueError) as exc:
+                _settle(job.future, StorageError(f"{self.path}: write failed: {exc}"))
                 if job.undo is not None:
                     job.undo()
-                _settle(job.future, StorageError(f"{self.path}: write failed: {exc}"))
             else:
                 _settle(job.future, None)
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from proxy.app import STORAGE
+from proxy.app import REGISTRY, STORAGE
 from proxy.clock import FakeClock
 from proxy.config_load import ConfigError, load_settings
 
@@ -121,8 +121,6 @@ async def test_forced_open_and_plain_files(start_proxy, fakes, config_dir):
     (config_dir / "fallback_responses" / "sorry.html").write_text(
         "<p>{{service}} is {{state}}: {{query.q}}</p>\n")
     proxy = await start_proxy(config("{type: static, file: sorry.html, status: 200}"), clock=FakeClock())
-    proxy.app  # noqa: B018
-    from proxy.app import REGISTRY  # noqa: PLC0415
     proxy.app[REGISTRY].get("payment.charges").breaker.force_open()
     async with proxy.session.post(proxy.url("/payment/charges?q=%3Cb%3E"), data=b"") as response:
         assert response.status == 200
