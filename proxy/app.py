@@ -16,6 +16,7 @@ from proxy.fallbacks.log import FallbackLog
 from proxy.fallbacks.queue import QueueBook
 from proxy.forward import Proxy
 from proxy.metrics import Metrics
+from proxy.persistence import persistence_context
 from proxy.registry import Registry
 from proxy.storage import Storage
 
@@ -59,6 +60,8 @@ def build_app(settings: Settings, *, clock: Clock | None = None,
     app[QUEUES] = queues
     # Storage opens first and closes last: everything else may write to it.
     app.cleanup_ctx.append(_storage)
+    # Stored breaker states are back before anything is served or replayed (§6).
+    app.cleanup_ctx.append(persistence_context(registry, storage, metrics))
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_queue_workers)  # replays need the session
 

@@ -65,6 +65,16 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def call_duration_buckets(self) -> dict[str, list[tuple[float, float]]]:
+        """Per breaker, the cumulative upstream-call duration buckets: [(upper bound, count)]."""
+        buckets: dict[str, list[tuple[float, float]]] = {}
+        for family in self.call_duration.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    buckets.setdefault(sample.labels["breaker"], []).append(
+                        (float(sample.labels["le"]), sample.value))
+        return buckets
+
     def fallback_counts(self) -> dict[str, int]:
         """Fallbacks served per breaker, all fallback types summed (for the status page)."""
         counts: dict[str, int] = {}
