@@ -246,7 +246,7 @@ class Storage:
             for job in jobs:
                 try:
                     job.statements = tuple(job.prepare())
-                except Exception as exc:  # a refusal: it belongs to the caller, not to us
+                except Exception as exc:  # noqa: BLE001  (a refusal: it belongs to the caller)
                     _settle(job.future, exc)
                     continue
                 statements.extend(job.statements)

@@ -85,13 +85,13 @@ def build_fallback(route: Route, deps: FallbackDeps | None) -> Fallback | None:
     if spec is None or deps is None:
         return None
     if spec.type == "static":
-        from proxy.fallbacks.static import StaticFallback  # noqa: PLC0415
+        from proxy.fallbacks.static import StaticFallback
         return StaticFallback(route, deps)
     if spec.type == "cache":
-        from proxy.fallbacks.cache import CacheFallback  # noqa: PLC0415
+        from proxy.fallbacks.cache import CacheFallback
         return CacheFallback(route, deps)
     if spec.type == "table":
-        from proxy.fallbacks.table import TableFallback  # noqa: PLC0415
+        from proxy.fallbacks.table import TableFallback
         return TableFallback(route, deps)
     if spec.type == "queue":
         if deps.queues is None:
@@ -151,7 +151,7 @@ def service_target(request: web.Request) -> tuple[str, str]:
 
 
 def render_context(request: web.Request, ctx: FallbackContext, body: Any, now_wall: float) -> RenderContext:
-    from proxy.fallbacks.template import RenderContext  # noqa: PLC0415
+    from proxy.fallbacks.template import RenderContext
     view = ctx.view
     raw = request.raw_path
     path = raw.split("?", 1)[0]
@@ -164,5 +164,5 @@ def render_context(request: web.Request, ctx: FallbackContext, body: Any, now_wa
 
 
 # Importing these registers their SQLite schemas before storage opens.
-from proxy.fallbacks import log as _log  # noqa: E402,F401
-from proxy.fallbacks import queue as _queue  # noqa: E402,F401
+from proxy.fallbacks import log as _log  # noqa: F401
+from proxy.fallbacks import queue as _queue  # noqa: F401

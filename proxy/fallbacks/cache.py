@@ -59,7 +59,7 @@ def scale_document(document: Any, scale: dict[str, float]) -> Any:
 class ResponseCache:
     """method + path + query → Entry: O(1) lookups, LRU over `max_entries` and `max_bytes`."""
 
-    __slots__ = ("_entries", "max_entries", "max_bytes", "size_bytes")
+    __slots__ = ("_entries", "max_bytes", "max_entries", "size_bytes")
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
         self._entries: OrderedDict[str, Entry] = OrderedDict()
@@ -97,7 +97,7 @@ class ResponseCache:
 class _Recording:
     """Collects one successful response's body as it streams to the client."""
 
-    __slots__ = ("_fallback", "_key", "_status", "_headers", "_chunks", "_size")
+    __slots__ = ("_chunks", "_fallback", "_headers", "_key", "_size", "_status")
 
     def __init__(self, fallback: CacheFallback, key: str, status: int, headers: Any) -> None:
         self._fallback = fallback

@@ -45,7 +45,7 @@ MAX_PATH = 512  # a log row, not an archive of hostile URLs
 class FallbackLog:
     """The data path's `fallback_log` hook: enqueue one row, never wait."""
 
-    __slots__ = ("_storage", "_clock")
+    __slots__ = ("_clock", "_storage")
 
     def __init__(self, storage: Storage, clock: Clock) -> None:
         self._storage = storage

@@ -219,7 +219,7 @@ class QueueBook:
     async def _expire(self) -> None:
         """Delivered requests and fallback_logs older than `storage.retention_hours` go, now and
         then; dead letters stay until someone deals with them."""
-        from proxy.fallbacks.log import EXPIRE as EXPIRE_LOGS  # noqa: PLC0415
+        from proxy.fallbacks.log import EXPIRE as EXPIRE_LOGS
         while True:
             if self.registry is not None:
                 cutoff = self.clock.wall() - self.registry.settings.storage.retention_hours * 3600
@@ -228,7 +228,7 @@ class QueueBook:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
 
     async def _start_queue(self, state: QueueState) -> None:
-        from proxy.fallbacks.replay import ReplayWorker  # noqa: PLC0415  (replay imports this module)
+        from proxy.fallbacks.replay import ReplayWorker
         counts = dict(await self.storage.fetchall(
             "SELECT state, count(*) FROM queue_items WHERE queue = ? GROUP BY state", (state.name,)))
         amounts = await self.storage.fetchall(

@@ -26,7 +26,12 @@ import logging
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import ClientConnectorError, ClientError, ClientTimeout, ConnectionTimeoutError
+from aiohttp import (
+    ClientConnectorError,
+    ClientError,
+    ClientTimeout,
+    ConnectionTimeoutError,
+)
 from yarl import URL
 
 from proxy.breaker import Permit, State
@@ -173,7 +178,7 @@ class ReplayWorker:
         except asyncio.CancelledError:
             breaker.release(permit)
             raise
-        except (ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ClientError) as exc:
             self._record(runtime, permit, failed=True)
             never_sent = isinstance(exc, (ClientConnectorError, ConnectionTimeoutError))
             return None, f"{type(exc).__name__}: {exc}"[:300], not never_sent

@@ -44,7 +44,7 @@ def load_spec(deps: FallbackDeps, route: Route, name: str) -> ResponseSpec:
 class Canned:
     """One compiled response file, rendered for a request."""
 
-    __slots__ = ("spec", "status", "_clock")
+    __slots__ = ("_clock", "spec", "status")
 
     def __init__(self, spec: ResponseSpec, clock: Any, status: int | None = None) -> None:
         self.spec = spec

@@ -18,7 +18,15 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config import Route
-from proxy.fallbacks import DETAIL_KEY, FallbackContext, FallbackDeps, Recorder, dig, json_or_none, request_body
+from proxy.fallbacks import (
+    DETAIL_KEY,
+    FallbackContext,
+    FallbackDeps,
+    Recorder,
+    dig,
+    json_or_none,
+    request_body,
+)
 
 log = logging.getLogger(__name__)
 

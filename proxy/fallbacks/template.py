@@ -28,7 +28,7 @@ import mimetypes
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ Part = bytes | tuple[Getter, Callable[[Any], str]]
 def _iso(wall: float | None) -> str | None:
     if wall is None:
         return None
-    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds").replace(
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
 
 

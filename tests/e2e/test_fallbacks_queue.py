@@ -74,7 +74,7 @@ async def test_accepted_while_open_then_replayed_once_healthy(start_proxy, fakes
     clock = FakeClock()
     proxy = await start(start_proxy, clock)
     await open_payment(proxy, fakes)
-    status, headers, body = await post(proxy, "/payment/charges?src=web", CHARGE, **{"Authorization": "Bearer t"})
+    status, headers, body = await post(proxy, "/payment/charges?src=web", CHARGE, Authorization="Bearer t")
     key = headers["Idempotency-Key"]
     assert key.startswith("cp-") and len(key) == 39
     assert (status, headers, body) == (202, {
@@ -183,8 +183,8 @@ async def test_4xx_and_exhausted_retries_become_visible_dead_letters(start_proxy
     await until(lambda: _depth(proxy, "notification.notifications", 0), "queue drained")
     assert (await rows(proxy, "SELECT state, attempts, last_error FROM queue_items ORDER BY id"))[0] == (
         "dead_letter", 1,
-        'HTTP 400: {"error": "invalid_request", "message": "to is required and must be a non-empty '
-        "string, got None\"}")
+        ('HTTP 400: {"error": "invalid_request", "message": "to is required and must be a non-empty '
+         'string, got None"}'))
 
     await fakes.set_mode("notification", "error", status=500)
     failing = await post(proxy, "/notification/notifications", NOTE)

@@ -82,5 +82,5 @@ def test_an_unquoted_norway_is_a_config_error(write_config):
     with pytest.raises(ConfigError) as error:
         load_settings(path, {})
     assert [p.split(": ", 1)[1] for p in error.value.problems] == [
-        "services.shipping.routes.quotes.fallback.zones: key False is how YAML reads an unquoted "
-        'NO/OFF/YES/ON; quote country codes ("NO": europe)']
+        ("services.shipping.routes.quotes.fallback.zones: key False is how YAML reads an unquoted "
+         'NO/OFF/YES/ON; quote country codes ("NO": europe)')]
