@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         rate = (accepted - 1) / elapsed
         print(f"queue acceptances through circuit-proxy ({'payments, limits checked' if args.payments else 'notifications'}),"
               f" {args.connections} connections, {elapsed:.1f} s, synchronous=FULL")
-        print(f"  accepted (202): {accepted}   other: {{s: c for s, c in statuses.items() if s != 202}}")
+        others = {status: count for status, count in statuses.items() if status != 202}
+        print(f"  accepted (202): {accepted}   other answers: {others}")
         print(f"  rate: {rate:,.0f} acceptances/s")
         print(f"  latency: p50 {percentile(latencies, 50) * 1000:.1f} ms, p99 {percentile(latencies, 99) * 1000:.1f} ms")
         print(f"  stored rows: {stored} ({'every 202 is on disk' if stored == accepted else 'MISMATCH'})")

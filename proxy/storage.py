@@ -73,7 +73,7 @@ class _Job:
 class Storage:
     """The database file at `path`, its writer task and its one connection."""
 
-    def __init__(self, path: str | Path, *, batch_max: int = 1000, flush_interval_s: float = 0.5,
+    def __init__(self, path: str | Path, *, batch_max: int = 1000, flush_interval_s: float = 0.05,
                  buffer_max: int = 20_000, busy_timeout_ms: int = 5000,
                  schemas: Mapping[str, Sequence[str]] | None = None) -> None:
         """`schemas` replaces the registered ones (tests); None: every `register_schema`."""
