@@ -7,6 +7,7 @@ import json
 
 from proxy.app import QUEUES, REGISTRY, STORAGE
 from proxy.clock import FakeClock
+from proxy.config_load import load_settings
 
 CONFIG = """
     storage: {path: $db}
@@ -231,3 +232,20 @@ async def test_stored_requests_keep_end_to_end_headers_and_body(start_proxy, fak
     assert (method, target, json.loads(body)) == ("POST", "/charges?a=%20b", CHARGE)
     assert "X-Trace" in names and "X-Hop" not in names and "Content-Length" not in names
     assert names[-1] == "Idempotency-Key" and "X-Forwarded-For" in names
+
+
+async def test_a_queue_added_by_a_reload_accepts_and_replays(start_proxy, write_config, fakes):
+    proxy = await start_proxy(CONFIG.replace("fallback: {type: queue, max_depth: 3", "# no fallback: {x: 3"),
+                              clock=FakeClock())
+    proxy.app[QUEUES].poll_s = 0.02
+    registry = proxy.app[REGISTRY]
+    registry.get("notification.notifications").breaker.force_open()
+    assert (await post(proxy, "/notification/notifications", NOTE))[2]["error"] == "circuit_open"
+    registry.apply(load_settings(write_config(CONFIG, name="reloaded.yaml"), {}))
+    breaker = registry.get("notification.notifications").breaker
+    assert breaker.state == "forced_open"  # the reload kept the operator's choice
+    status, headers, _ = await post(proxy, "/notification/notifications", NOTE)
+    assert (status, headers["X-Queue-Id"]) == (202, "1")
+    breaker.reset()
+    records = await until(lambda: _records(fakes, "notification", 1), "the queued one delivered")
+    assert [r["idempotency_key"] for r in records] == [headers["Idempotency-Key"]]
