@@ -10,11 +10,10 @@ import sys
 from dataclasses import replace
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
-
 from proxy.app import build_app
 from proxy.config import Settings
 from proxy.config_load import ConfigError, load_settings
+from proxy.fastserver import FastServer, start_server
 from proxy.logs import setup_logging
 from proxy.observability import RELOADER
 from proxy.reload import reload_on_sighup
@@ -56,20 +55,16 @@ async def serve(settings: Settings, host: str, port: int,
                 before: Callable[[], Awaitable[None]] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and free the port."""
     app = build_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
-                           access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
-                           shutdown_timeout=settings.server.drain_timeout_s,
-                           max_field_size=max(8190, settings.server.max_header_bytes * 4),
-                           max_line_size=max(8190, settings.server.max_header_bytes * 4))
-    await runner.setup()
+    server: FastServer | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     stop_reloading = reload_on_sighup(app[RELOADER])
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
-        await site.start()
+        # Service requests are forwarded by the fast server itself; the reserved paths go to
+        # the app (proxy/fastserver.py). Closing it drains both.
+        server = await start_server(app, settings.server, host, port)
         log.info("listening on http://%s:%d (%d breakers)", host, port, len(settings.routes()))
         if before is not None:
             await before()
@@ -81,7 +76,8 @@ async def serve(settings: Settings, host: str, port: int,
         # A second signal while draining must not kill the drain half-way.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, log.info, "already shutting down")
-        await runner.cleanup()
+        if server is not None:
+            await server.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     log.info("stopped")

@@ -36,6 +36,7 @@ from proxy.routing import has_dot_segment, split_service
 log = logging.getLogger(__name__)
 
 FallbackLog = Callable[[str, str, web.Request, int, str], None]
+_REJECTION_REASONS = {State.OPEN: "open", State.FORCED_OPEN: "forced_open"}
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -139,14 +140,20 @@ class Proxy:
 
     async def _rejected(self, request: web.Request, runtime: RouteRuntime) -> web.StreamResponse:
         runtime.metrics.rejected.inc()
-        breaker = runtime.breaker
-        state = breaker.state
-        reason = {State.OPEN: "open", State.FORCED_OPEN: "forced_open"}.get(state, "half_open_full")
+        reason, retry_after = self.rejection(runtime)
         response = await self._fallback(request, runtime, reason, False, None)
         if response is not None:
             return response
-        retry_after = None if state is State.FORCED_OPEN else (breaker.retry_after() or 0.0)
         return responses.circuit_open(runtime.name, retry_after)
+
+    @staticmethod
+    def rejection(runtime: RouteRuntime) -> tuple[str, float | None]:
+        """Why the breaker refused a permit, and the Retry-After for it (None: forced open)."""
+        breaker = runtime.breaker
+        state = breaker.state
+        reason = _REJECTION_REASONS.get(state, "half_open_full")
+        retry_after = None if state is State.FORCED_OPEN else (breaker.retry_after() or 0.0)
+        return reason, retry_after
 
     async def _fallback(self, request: web.Request, runtime: RouteRuntime, reason: str,
                         maybe_delivered: bool, body: bytes | None) -> web.Response | None:
@@ -229,7 +236,7 @@ class Proxy:
                 except (ClientPayloadError, ClientConnectionError, asyncio.TimeoutError):
                     # The upstream broke off mid-body: a failure, and the client must see a
                     # broken response rather than a short one that looks complete.
-                    self._record(runtime, permit, failed=True)
+                    self.record(runtime, permit, failed=True)
                     upstream.close()
                     if request.transport is not None:
                         request.transport.close()
@@ -249,12 +256,13 @@ class Proxy:
             upstream.close()
             return response
         upstream.release()
-        self._record(runtime, permit, failed=failed)
+        self.record(runtime, permit, failed=failed)
         if recorder is not None and not failed:
             recorder.finish()
         return response
 
-    def _record(self, runtime: RouteRuntime, permit: Permit, *, failed: bool) -> float:
+    def record(self, runtime: RouteRuntime, permit: Permit, *, failed: bool) -> float:
+        """The outcome of a permitted call, to its breaker and its metrics."""
         duration = runtime.breaker.record(permit, failed=failed)
         metrics = runtime.metrics
         (metrics.failure if failed else metrics.success).inc()
@@ -266,7 +274,7 @@ class Proxy:
     async def _failed(self, request: web.Request, runtime: RouteRuntime, permit: Permit, reason: str,
                       maybe_delivered: bool, buffered: bytes | None, detail: str = "") -> web.Response:
         """A call let through got no response: the fallback if it is safe, else 502 / 504 (§4)."""
-        self._record(runtime, permit, failed=True)
+        self.record(runtime, permit, failed=True)
         fallback = runtime.fallback
         if fallback is not None and fallback.on_failure:
             response = await self._fallback(request, runtime, reason, maybe_delivered, buffered)

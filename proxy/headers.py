@@ -56,3 +56,65 @@ def downstream_response_headers(items: Iterable[tuple[str, str]], connection: li
     """The upstream response's end-to-end headers (framing is the proxy's own business)."""
     drop = HOP_BY_HOP | connection_named(connection) if connection else HOP_BY_HOP
     return [(name, value) for name, value in items if name.lower() not in drop]
+
+
+# -- the fast server's byte-level versions: one pass, no str decoding, no per-call set building --
+
+HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+# Also dropped on the way up: framing the proxy redoes (Expect is answered here, §4) and the
+# X-Forwarded-* it sets itself.
+_REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP) | {b"expect"}
+_XFF = b"x-forwarded-for"
+
+Field = tuple[bytes, bytes, bytes]  # (name as sent, lower-case name, value)
+
+
+def upstream_request_head(method: bytes, target: bytes, fields: Iterable[Field],
+                          connection_tokens: frozenset[bytes] | None, *, host: bytes,
+                          client_ip: bytes | None, proto: bytes, forwarded_host: bytes | None,
+                          framing: bytes = b"") -> bytes:
+    """The request head for the upstream hop: end-to-end fields as sent (hop-by-hop ones and
+    those named in Connection dropped), `Host` of the upstream, X-Forwarded-For/-Proto/-Host,
+    then `framing` (e.g. `Transfer-Encoding: chunked\\r\\n`)."""
+    drop = _REQUEST_DROP_BYTES | connection_tokens if connection_tokens else _REQUEST_DROP_BYTES
+    parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    forwarded_for: list[bytes] | None = None
+    for name, lname, value in fields:
+        if lname in drop:
+            continue
+        if lname == _XFF:
+            if forwarded_for is None:
+                forwarded_for = []
+            forwarded_for.append(value)
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if client_ip:
+        if forwarded_for is None:
+            forwarded_for = []
+        forwarded_for.append(client_ip)
+    if forwarded_for:
+        parts += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
+    parts += (b"X-Forwarded-Proto: ", proto, b"\r\n")
+    if forwarded_host:
+        parts += (b"X-Forwarded-Host: ", forwarded_host, b"\r\n")
+    parts += (framing, b"\r\n")
+    return b"".join(parts)
+
+
+def downstream_response_fields(fields: Iterable[Field], connection_tokens: frozenset[bytes] | None,
+                               *, keep_length: bool = True) -> tuple[list[bytes], bool]:
+    """The upstream response's end-to-end fields as `name: value\\r\\n` lines, and whether a
+    Date was among them (framing is the proxy's own business: without `keep_length` the
+    body is re-framed, so a Content-Length beside chunked coding is dropped)."""
+    drop = HOP_BY_HOP_BYTES | connection_tokens if connection_tokens else HOP_BY_HOP_BYTES
+    if not keep_length:
+        drop = drop | {b"content-length"}
+    lines = []
+    has_date = False
+    for name, lname, value in fields:
+        if lname in drop:
+            continue
+        if lname == b"date":
+            has_date = True
+        lines.append(name + b": " + value + b"\r\n")
+    return lines, has_date

@@ -15,13 +15,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from fake_upstreams import FakeUpstreams
 from proxy.app import build_app
 from proxy.clock import Clock
 from proxy.config import Settings
 from proxy.config_load import load_settings
+from proxy.fastserver import FastServer, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,17 +92,13 @@ def write_config(config_dir: Path, fakes: FakeUpstreams) -> Callable[..., Path]:
 
 @dataclass
 class RunningProxy:
-    server: TestServer
+    server: FastServer
     app: web.Application
     settings: Settings
     session: aiohttp.ClientSession
 
     def url(self, path: str) -> str:
         return str(self.server.make_url(path))
-
-
-# As `circuit-proxy run` configures its runner (TestServer sets handler_cancellation itself).
-SERVER_KWARGS = {"max_field_size": 65536, "max_line_size": 65536}
 
 
 @pytest.fixture
@@ -114,8 +110,8 @@ async def start_proxy(write_config: Callable[..., Path]) -> AsyncIterator[Callab
         path = write_config(text, **extra)
         settings = load_settings(path, environ or {})
         app = build_app(settings, clock=clock)
-        server = TestServer(app, host="127.0.0.1", port=0)
-        await server.start_server(**SERVER_KWARGS)
+        # The server `circuit-proxy run` uses: its fast path, with the app behind it.
+        server = await start_server(app, settings.server, "127.0.0.1", 0)
         session = aiohttp.ClientSession(auto_decompress=False)
         running = RunningProxy(server, app, settings, session)
         started.append(running)
