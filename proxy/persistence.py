@@ -186,8 +186,10 @@ class BreakerStore:
                 _MANUAL[state](runtime.breaker)  # guards something else now: only an operator's state stays
             else:
                 continue
-            restored += runtime.breaker.state is not State.CLOSED
-            log.info("restored breaker state", extra={"breaker": name, "to_state": runtime.breaker.state.value})
+            if runtime.breaker.state is not State.CLOSED:
+                restored += 1
+                log.info("breaker state restored", extra={"breaker": name,
+                                                          "to_state": runtime.breaker.state.value})
         for runtime in self._registry.routes.values():
             self.save(runtime)  # every breaker has a row, with its current config
         return restored

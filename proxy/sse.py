@@ -64,11 +64,11 @@ class EventHub:
                 "to_state": transition.to_state.value, "at": iso(transition.at_wall)}))
 
     def tick(self) -> None:
-        """One beat: due transitions happen, history moves on, clients get the whole state."""
-        document = self._board.document()  # refreshes the registry first
+        """One beat: due transitions happen (reading a breaker applies them), history moves
+        on, and clients, if any, get the whole state."""
         self._board.sample()
         if self._clients:
-            self.publish(encode_event("snapshot", document))
+            self.publish(encode_event("snapshot", self._board.document()))
 
     async def run_ticker(self) -> None:
         while True:

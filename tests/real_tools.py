@@ -1,4 +1,4 @@
-"""The real programs some tests drive (promtool, prometheus, chromium): found, or a clear verdict.
+"""The real programs some tests drive (promtool, prometheus, chromium, the CLI): found, or a verdict.
 
 `./dev test` installs them (Debian packages `prometheus` and `chromium`). Where one is missing a
 test fails with the reason when CI is set, and is skipped otherwise.
@@ -6,6 +6,7 @@ test fails with the reason when CI is set, and is skipped otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -31,3 +32,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+async def read_until(stream: asyncio.StreamReader, needle: str, lines: list[str], timeout: float = 30) -> str:
+    """The first line of a process's output containing `needle`; every line read goes to `lines`."""
+    async def scan() -> str:
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(lines))
+            lines.append(raw.decode())
+            if needle in lines[-1]:
+                return lines[-1]
+    return await asyncio.wait_for(scan(), timeout)

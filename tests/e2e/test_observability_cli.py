@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.real_tools import free_port
+from tests.real_tools import free_port, read_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """
@@ -21,18 +21,6 @@ server: {drain_timeout_s: 30}
 services:
   payment: {upstream: $payment}
 """
-
-
-async def read_until(stream: asyncio.StreamReader, needle: str, lines: list[str]) -> str:
-    async def scan() -> str:
-        while True:
-            raw = await stream.readline()
-            if not raw:
-                raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(lines))
-            lines.append(raw.decode())
-            if needle in lines[-1]:
-                return lines[-1]
-    return await asyncio.wait_for(scan(), 30)
 
 
 async def test_token_logged_once_and_an_open_status_stream_does_not_delay_shutdown(write_config):

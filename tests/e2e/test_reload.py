@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.observability import ADMIN_TOKEN
-from tests.real_tools import free_port
+from tests.real_tools import free_port, read_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = """
@@ -120,18 +120,6 @@ async def test_a_removed_route_leaves_metrics_and_status(start_proxy, fakes, wri
     assert "shipping.refunds" not in await status(proxy.session, proxy.url("/status.json"))
 
 
-async def wait_for_line(stream: asyncio.StreamReader, needle: str, lines: list[str]) -> str:
-    async def scan() -> str:
-        while True:
-            raw = await stream.readline()
-            if not raw:
-                raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(lines))
-            lines.append(raw.decode())
-            if needle in lines[-1]:
-                return lines[-1]
-    return await asyncio.wait_for(scan(), 30)
-
-
 async def test_sighup_applies_a_valid_config_and_keeps_the_old_one_for_an_invalid_one(write_config):
     port = free_port()
     path = write_config(BASE, shipping_timeout="5000")
@@ -142,18 +130,18 @@ async def test_sighup_applies_a_valid_config_and_keeps_the_old_one_for_an_invali
     lines: list[str] = []
     url = f"http://127.0.0.1:{port}/status.json"
     try:
-        await wait_for_line(process.stdout, "listening on", lines)
+        await read_until(process.stdout, "listening on", lines)
         async with aiohttp.ClientSession() as session:
             assert "shipping.refunds" not in await status(session, url)
             write_config(WITH_REFUNDS, shipping_timeout="5000")
             process.send_signal(signal.SIGHUP)
-            await wait_for_line(process.stdout, "config reloaded: 1 added, 0 removed, 0 changed, 5 kept", lines)
+            await read_until(process.stdout, "config reloaded: 1 added, 0 removed, 0 changed, 5 kept", lines)
             assert "shipping.refunds" in await status(session, url)
 
             write_config(BASE.replace("failure_threshold: 2", "failure_threshold: many"), shipping_timeout="5000")
             process.send_signal(signal.SIGHUP)
-            await wait_for_line(process.stdout, "config reload refused", lines)
-            problem = await wait_for_line(process.stdout, "config problem:", lines)
+            await read_until(process.stdout, "config reload refused", lines)
+            problem = await read_until(process.stdout, "config problem:", lines)
             assert "defaults.failure_threshold: not an integer: 'many'" in problem
             assert "shipping.refunds" in await status(session, url)  # the old config still runs
         process.send_signal(signal.SIGTERM)
