@@ -91,12 +91,17 @@ async def test_sigterm_drains_in_flight_requests_and_frees_the_port(write_config
     assert port_is_free(port)
 
 
-async def test_demo_routes_to_all_four_fakes_and_error_mode_opens_a_breaker(tmp_path):
+async def test_demo_routes_to_all_four_fakes_and_error_mode_opens_a_breaker(config_dir):
+    # The shipped config, with its database in tmp_path: state must not leak between runs.
+    shipped = (ROOT / "config" / "breakers.yaml").read_text()
+    config = config_dir / "config" / "breakers.yaml"
+    config.write_text(shipped.replace("path: var/circuit-proxy.db", f"path: {config_dir / 'proxy.db'}"))
+    assert config.read_text() != shipped
     port, base = free_port(), free_port()
     # Four more ports after the base: pick a base whose next four are free too.
     while not all(port_is_free(base + i) for i in range(5)) or port in range(base, base + 5):
         base = free_port()
-    process = await start("demo", "--port", str(port), "--base-port", str(base),
+    process = await start("demo", "--config", str(config), "--port", str(port), "--base-port", str(base),
                           env={"CIRCUIT_PROXY_ADMIN_TOKEN": "t"})
     output: list[str] = []
     proxy = f"http://127.0.0.1:{port}"
