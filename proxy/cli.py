@@ -52,9 +52,13 @@ def _load(path: str) -> Settings | None:
 
 
 async def serve(settings: Settings, host: str, port: int,
-                before: Callable[[], Awaitable[None]] | None = None) -> int:
-    """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and free the port."""
+                before: Callable[[], Awaitable[None]] | None = None,
+                adjust: Callable[[Settings], Settings] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and free the port.
+
+    `adjust` is what the caller did to the file's settings; a reload does it again."""
     app = build_app(settings)
+    app[RELOADER].adjust = adjust
     server: FastServer | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,9 +126,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         await fakes.start()
         host = settings.server.host
         port = settings.server.port if args.port is None else args.port
-        # The demo's services are its own fakes, wherever they listen.
-        services = tuple(replace(service, upstream=fakes.url(service.name))
-                         if service.name in SERVICE_NAMES else service for service in settings.services)
+
+        def own_fakes(loaded: Settings) -> Settings:
+            """The demo's services are its own fakes, wherever they listen (also on reload)."""
+            return replace(loaded, services=tuple(
+                replace(service, upstream=fakes.url(service.name)) if service.name in SERVICE_NAMES
+                else service for service in loaded.services))
 
         async def announce() -> None:
             print(f"fake upstreams: control page {fakes.control_url}/", flush=True)
@@ -132,7 +139,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   flush=True)
             print(f"status page: http://127.0.0.1:{port}/status", flush=True)
         try:
-            return await serve(replace(settings, services=services), host, port, before=announce)
+            return await serve(own_fakes(settings), host, port, before=announce, adjust=own_fakes)
         finally:
             await fakes.stop()
 

@@ -36,6 +36,9 @@ class Reloader:
         self._path = path
         self._lock = asyncio.Lock()  # SIGHUP and /admin/reload at once: one after the other
         self._listeners: list[ReloadListener] = []
+        # What the process did to the file's settings at start, done again to each reload
+        # (the demo points the services at its own fake upstreams).
+        self.adjust: Callable[[Settings], Settings] | None = None
 
     def add_listener(self, listener: ReloadListener) -> None:
         """Called after each applied reload (alerts take new webhooks, storage new rows)."""
@@ -49,6 +52,8 @@ class Reloader:
                     raise ConfigError(["the proxy was not started from a config file: nothing to reload"])
                 loop = asyncio.get_running_loop()
                 settings = await loop.run_in_executor(None, load_settings, self._path)
+                if self.adjust is not None:
+                    settings = self.adjust(settings)
             except ConfigError as exc:
                 self._metrics.reloads.labels("rejected").inc()
                 log.error("config reload refused, the running config is kept: %d problem(s)",

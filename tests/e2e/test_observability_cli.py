@@ -1,5 +1,6 @@
-"""Observability through `circuit-proxy run` as a user starts it: the generated admin token is
-logged once and works, and an open status page does not hold up SIGTERM's drain."""
+"""Observability through the CLI as a user starts it: the generated admin token is logged once
+and works, an open status page does not hold up SIGTERM's drain, and a reload of the demo keeps
+its services pointed at its own fake upstreams."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -55,3 +57,40 @@ async def test_token_logged_once_and_an_open_status_stream_does_not_delay_shutdo
             await process.wait()
     output = "".join(lines) + rest
     assert output.count(token) == 1  # logged once, never again
+
+
+def port_run_is_free(base: int, count: int) -> bool:
+    for port in range(base, base + count):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+async def test_demo_reload_keeps_pointing_at_its_own_fakes():
+    port, base = free_port(), free_port()
+    while not port_run_is_free(base, 5) or port in range(base, base + 5):
+        base = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "demo", "--port", str(port), "--base-port", str(base), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "CIRCUIT_PROXY_ADMIN_TOKEN": "t"})
+    lines: list[str] = []
+    proxy = f"http://127.0.0.1:{port}"
+    quote = {"destination": {"country": "IT", "postcode": "00100"}, "weight_kg": 2}
+    try:
+        await read_until(process.stdout, "status page:", lines)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{proxy}/admin/reload", headers={"Authorization": "Bearer t"}) as response:
+                body = await response.json()
+                assert (response.status, body["changed"], body["added"], body["removed"]) == (200, [], [], [])
+            async with session.post(f"{proxy}/shipping/quotes", json=quote) as response:
+                assert (response.status, response.headers.get("X-Fallback")) == (200, None)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
