@@ -32,8 +32,7 @@ ADMIN_TOKEN = web.AppKey("admin_token", str)
 
 
 def install(app: web.Application, settings: Settings, registry: Registry, metrics: Metrics, *,
-            queues: QueueSource | None = None, admin_token: str | None = None,
-            status_interval_s: float = 1.0) -> None:
+            queues: QueueSource | None = None, admin_token: str | None = None) -> None:
     """Routes for /status, /status.json, /status/events and /admin/…, listeners, tasks.
 
     Call before the proxy's catch-all route is added. `queues` lists the fallback queues
@@ -43,7 +42,7 @@ def install(app: web.Application, settings: Settings, registry: Registry, metric
     board = StatusBoard(registry, metrics)
     if queues is not None:
         board.queues = queues
-    hub = EventHub(board, metrics, interval_s=status_interval_s)
+    hub = EventHub(board, metrics)
     alerter = Alerter(settings.alerts, metrics)
     reloader = Reloader(registry, metrics, settings.config_path)
     reloader.add_listener(lambda new, result: alerter.configure(new.alerts))

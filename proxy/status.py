@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.breaker import BreakerView, Transition
+from proxy.breaker import Transition
 from proxy.metrics import Metrics
 from proxy.registry import Registry, RouteRuntime
 
@@ -101,8 +101,8 @@ class StatusBoard:
         return entry
 
 
-def breaker_entry(runtime: RouteRuntime, view: BreakerView | None = None) -> dict[str, Any]:
-    view = view or runtime.breaker.view()
+def breaker_entry(runtime: RouteRuntime) -> dict[str, Any]:
+    view = runtime.breaker.view()
     route = runtime.route
     policy = route.policy
     return {
