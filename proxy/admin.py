@@ -101,8 +101,10 @@ class Admin:
             result = await self._reloader.reload()
         except ConfigError as exc:
             return _json(400, {"error": "invalid_config", "errors": exc.problems})
-        return _json(200, {"breakers": self._board.entries(), "added": result.added,
-                           "removed": result.removed, "changed": result.changed, "kept": result.kept})
+        # §6: reload answers with the list of breakers; what changed rides in headers.
+        return _json(200, self._board.entries(), {
+            "X-Reload-Added": ",".join(result.added), "X-Reload-Removed": ",".join(result.removed),
+            "X-Reload-Changed": ",".join(result.changed), "X-Reload-Kept": ",".join(result.kept)})
 
     async def other(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
