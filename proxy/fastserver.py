@@ -26,7 +26,7 @@ from yarl import URL
 from proxy import fastserver_wire as wire
 from proxy.app import PROXY
 from proxy.config import ServerSettings
-from proxy.fastserver_exchange import Exchange
+from proxy.fastserver_exchange import Deadlines, Exchange
 from proxy.fastserver_parse import ChunkedDecoder, HttpError, RequestHead, parse_request_head
 from proxy.routing import has_dot_segment, split_service
 from proxy.upstream_pool import UpstreamPool
@@ -82,6 +82,7 @@ class FastServer:
         self.keepalive_s = 75.0
         self.access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
         self.pool = UpstreamPool(self.loop)
+        self.deadlines = Deadlines(self.loop)
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self.host = ""
@@ -126,6 +127,7 @@ class FastServer:
             await asyncio.sleep(0.02)
         for connection in list(self.connections):
             connection.abort()
+        self.deadlines.close()
         self.pool.close()
         if self._server is not None:
             try:

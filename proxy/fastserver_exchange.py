@@ -2,7 +2,7 @@
 
 The same decisions as `forward.Proxy` (it shares its recording and fallback code), carried out
 with callbacks instead of awaits: the healthy path and every rejection without a fallback run
-without a task, a coroutine or a timer beyond the call's own deadline. Only a fallback (which
+without a task, a coroutine or a timer of its own (deadlines are swept, see `Deadlines`). Only a fallback (which
 is written against aiohttp's `web.Request`) and opening a new upstream connection run in a
 task.
 
@@ -38,9 +38,49 @@ _BODYLESS_DEFAULT = frozenset({b"POST", b"PUT", b"PATCH"})  # sent with Content-
 _FAILED_BODY_HELD = 64 * 1024  # request body bytes held while no upstream connection is ready
 
 
+class Deadlines:
+    """The upstream deadlines of the exchanges in flight, checked every `tick` seconds while
+    there are any. A per-call timer handle costs more to create and cancel than everything
+    else an exchange does in Python; a sweep over the calls in flight costs next to nothing,
+    and a route's timeout fires at most `tick` late."""
+
+    __slots__ = ("_loop", "_tick", "_pending", "_handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 0.01) -> None:
+        self._loop = loop
+        self._tick = tick
+        self._pending: set[Exchange] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, exchange: Exchange, timeout_s: float) -> None:
+        exchange.deadline = self._loop.time() + timeout_s
+        self._pending.add(exchange)
+        if self._handle is None:
+            self._handle = self._loop.call_later(self._tick, self._sweep)
+
+    def discard(self, exchange: Exchange) -> None:
+        self._pending.discard(exchange)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        now = self._loop.time()
+        due = [exchange for exchange in self._pending if exchange.deadline <= now]
+        for exchange in due:
+            self._pending.discard(exchange)
+            exchange.on_deadline()
+        if self._pending:
+            self._handle = self._loop.call_later(self._tick, self._sweep)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._pending.clear()
+
+
 class Exchange:
     __slots__ = ("server", "client", "runtime", "head", "target", "upstream_target", "permit",
-                 "started", "upstream", "timer", "state", "status", "failed", "recorder",
+                 "started", "upstream", "deadline", "state", "status", "failed", "recorder",
                  "head_only", "client_chunked", "keep_alive", "out", "pending", "pending_size",
                  "request_done", "request_sent", "buffering", "buffered", "task", "retried",
                  "holds_slot", "stream", "has_body", "view")
@@ -56,7 +96,7 @@ class Exchange:
         self.permit: Permit | None = None
         self.started = server.clock.monotonic()
         self.upstream: UpstreamConnection | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop.time() by which the upstream must have answered; 0: none
         self.state = WAITING
         self.status = 0
         self.failed = False
@@ -110,8 +150,7 @@ class Exchange:
     def _go_upstream(self) -> None:
         # The route's timeout covers connecting, sending and the whole response (as aiohttp's
         # total timeout does), not the time a client takes to upload a body we buffer.
-        loop = self.server.loop
-        self.timer = loop.call_at(loop.time() + self.runtime.timeout_s, self._on_deadline)
+        self.server.deadlines.add(self, self.runtime.timeout_s)
         connection = self.server.pool.acquire(self.upstream_target)
         if connection is not None:
             self._send(connection)
@@ -266,6 +305,8 @@ class Exchange:
         if out:
             if len(out) == 1:
                 self.client.write(out[0])
+            elif len(out) == 2 and len(out[1]) <= 16384:
+                self.client.write(out[0] + out[1])  # one small send costs less than a writev
             else:
                 self.client.writelines(out)
             out.clear()
@@ -310,8 +351,8 @@ class Exchange:
         elif state == STREAMING:
             self._broken()
 
-    def _on_deadline(self) -> None:
-        self.timer = None
+    def on_deadline(self) -> None:
+        self.deadline = 0.0
         state = self.state
         if state == CONNECTING or state == WAITING:
             self._cancel_task()
@@ -488,9 +529,9 @@ class Exchange:
             self.runtime.bulkhead.leave()
 
     def _cancel_deadline(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline:
+            self.deadline = 0.0
+            self.server.deadlines.discard(self)
 
     def _cancel_task(self) -> None:
         if self.task is not None:

@@ -173,6 +173,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
         if lname not in _RESPONSE_FRAMING:
             continue
         if lname == b"content-length":
+            if content_length is None and value.isdigit() and len(value) <= 18:
+                content_length = int(value)  # the usual case
+                continue
             # Identical repeats (or a list of one value repeated) are harmless; others are not.
             values = {v.strip(b" \t") for v in value.split(b",")}
             if len(values) != 1:
