@@ -30,11 +30,12 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def write_config(workdir: Path, upstream_port: int, faulty_port: int, reaction_services: list[str]) -> Path:
+def write_config(workdir: Path, upstream_port: int, faulty_port: int, reaction_services: list[str],
+                 name: str = "bench") -> Path:
     """The config circuit-proxy runs with: the healthy service, two open-path services and
     one fresh service per reaction run (so every run starts from a breaker that never opened)."""
-    (workdir / "config").mkdir(parents=True)
-    (workdir / "fallback_responses").mkdir()
+    (workdir / "config").mkdir(parents=True, exist_ok=True)
+    (workdir / "fallback_responses").mkdir(exist_ok=True)
     (workdir / "fallback_responses" / "bench.json").write_text(json.dumps({
         "status": 200, "headers": {"Content-Type": "application/json"},
         "body": {"fallback": True, "breaker": "{{breaker}}"}}))
@@ -51,7 +52,7 @@ def write_config(workdir: Path, upstream_port: int, faulty_port: int, reaction_s
         """)
     text = textwrap.dedent(f"""\
         server: {{host: 127.0.0.1, port: 8080}}
-        storage: {{path: {workdir / 'var' / 'bench.db'}}}
+        storage: {{path: {workdir / 'var' / (name + '.db')}}}
         defaults:
           jitter: 0.0
           max_concurrent: 0
@@ -72,13 +73,16 @@ def write_config(workdir: Path, upstream_port: int, faulty_port: int, reaction_s
               default:
                 fallback: {{type: static, file: bench.json}}
         """) + textwrap.indent(reaction, "  ")
-    path = workdir / "config" / "bench.yaml"
+    path = workdir / "config" / f"{name}.yaml"
     path.write_text(text)
     return path
 
 
 async def run(args: argparse.Namespace) -> dict:
     proxy_prefix, load_prefix = ([], []) if args.no_pin else procs.pinning()
+    # Children inherit the raised priority: proxies, upstreams and load stay ahead of whatever
+    # else runs on a shared machine (reported in the table's header).
+    prioritised = bool(procs.raise_priority()) if not args.no_nice else False
     use_wrk = shutil.which("wrk") is not None and args.loadgen != "builtin"
     plan = scenarios.Plan.make(quick=args.quick, duration=args.duration, reps=args.reps,
                                load_prefix=load_prefix, use_wrk=use_wrk,
@@ -93,7 +97,8 @@ async def run(args: argparse.Namespace) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
                    f"{platform.python_version()}, {platform.system()} {platform.release()}",
         "load_generator": "wrk" if use_wrk else "built-in (bench/loadgen.py)",
-        "pinning": "proxy on core 1, load + upstream on core 0" if proxy_prefix else "none",
+        "pinning": ("proxy on core 1, load + upstream on core 0" if proxy_prefix else "none")
+                   + (", all at nice -10" if prioritised else ""),
         "quick": plan.quick, "reps": plan.reps, "duration_s": plan.duration,
         "reaction_fault_s": plan.reaction_fault_s, "matrix": plan.healthy_matrix}}
     try:
@@ -109,8 +114,16 @@ async def run(args: argparse.Namespace) -> dict:
         naive_faulty = procs.start_naive(proxy_prefix, workdir, faulty.port,
                                          scenarios.REACTION_TIMEOUT_MS / 1000, "naive-faulty")
         started += [naive, naive_faulty]
+        others = []
+        for index, spec in enumerate(args.also or []):
+            label, _, root = spec.partition("=")
+            other_config = write_config(workdir, upstream.port, faulty.port, [], name=f"also{index}")
+            others.append(procs.start_circuit_proxy(proxy_prefix, workdir, other_config,
+                                                    {"CIRCUIT_PROXY_ADMIN_TOKEN": "bench"},
+                                                    root=Path(root).resolve(), name=f"circuit-proxy@{label}"))
+        started += others
         if "healthy" in only:
-            results["healthy"] = await scenarios.healthy(plan, upstream, naive, circuit, log)
+            results["healthy"] = await scenarios.healthy(plan, upstream, naive, circuit, log, others)
         if "open" in only:
             results["open_path"] = await scenarios.open_path(plan, circuit, faulty, log)
         if "reaction" in only:
@@ -137,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: wrk when installed, else the built-in generator")
     parser.add_argument("--budget", type=float, help="seconds after which optional repetitions stop")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--also", action="append", metavar="LABEL=DIR",
+                        help="also measure circuit-proxy from another checkout (healthy path), "
+                             "e.g. --also before=/tmp/wt-before")
+    parser.add_argument("--no-nice", action="store_true", help="do not raise the priority of what is measured")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, config)")
     args = parser.parse_args(argv)
     try:

@@ -66,8 +66,8 @@ def render(results: dict) -> str:
     queue = results.get("queue")
     out += ["### Durable queue", ""]
     if queue:
-        out += [f"- acceptances per second: {_n(queue.get('accepts_per_s'), 0)}"
-                + "".join(f"; {k}: {v}" for k, v in queue.items() if k != "accepts_per_s")]
+        out += [f"- acceptances per second (bench/queue_accept.py): {_n(queue.get('accepts_per_s'), 0)}", "",
+                "```", queue.get("output", ""), "```"]
     else:
         out += ["- not measured (bench/queue_accept.py absent)"]
     return "\n".join(out) + "\n"

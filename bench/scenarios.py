@@ -5,8 +5,6 @@ writes as JSON."""
 from __future__ import annotations
 
 import asyncio
-import importlib
-import inspect
 import json
 import shutil
 import statistics
@@ -150,10 +148,12 @@ def summarize(runs: list[dict]) -> dict:
 # -- healthy path -------------------------------------------------------------------------------
 
 
-async def healthy(plan: Plan, upstream: Proc, naive: Proc, circuit: Proc, log) -> list[dict]:
+async def healthy(plan: Plan, upstream: Proc, naive: Proc, circuit: Proc, log,
+                  others: list[Proc] | None = None) -> list[dict]:
     paths = {"100B": "/small", "1MB": "/large"}
     targets = [("upstream (direct)", None, upstream.port, ""), ("naive aiohttp proxy", naive, naive.port, ""),
                ("circuit-proxy", circuit, circuit.port, "/bench")]
+    targets += [(other.name, other, other.port, "/bench") for other in others or []]
     # Warm-up: connections pooled, code paths hot, allocator grown to its working size.
     for _, proc, port, prefix in targets:
         for body, path in paths.items():
@@ -207,7 +207,7 @@ async def open_path(plan: Plan, circuit: Proc, faulty: Proc, log) -> list[dict]:
     rows = []
     for name, path in variants:
         steady = await loadgen.steady_rate("127.0.0.1", circuit.port, path, 200, plan.steady_seconds)
-        latencies = sorted(s.done - s.scheduled for s in steady.samples)
+        latencies = sorted(s.done - s.sent for s in steady.samples)
         statuses: dict[int, int] = {}
         for sample in steady.samples:
             statuses[sample.status] = statuses.get(sample.status, 0) + 1
@@ -269,7 +269,7 @@ async def reaction_run(plan: Plan, faulty: Proc, port: int, path: str, fault: st
     before_open = sum(1 for s in hit if s.scheduled < opened)
     first_ok = next((s for s in after if 200 <= s.status < 300), None)
     bad_after = [s for s in after if not 200 <= s.status < 300]
-    open_latencies = sorted(s.done - s.scheduled for s in rejected)
+    open_latencies = sorted(s.done - s.sent for s in rejected)
     return {
         "leaked": leaked,
         "leaked_before_open": before_open,
@@ -330,30 +330,29 @@ async def reaction(plan: Plan, circuit: Proc, naive_faulty: Proc, faulty: Proc, 
 
 
 async def queue_accept(plan: Plan, workdir: Path, log) -> dict | None:
-    """bench/queue_accept.py (written with the queue fallback) when present:
-    `run(quick=..., workdir=...)` (sync or async) → dict with at least `accepts_per_s`."""
-    try:
-        module = importlib.import_module("bench.queue_accept")
-    except ModuleNotFoundError as exc:
-        if exc.name != "bench.queue_accept":
-            raise
+    """bench/queue_accept.py (written with the queue fallback) when present, run as its own
+    process (`python -m bench.queue_accept --seconds N`); its "rate: N acceptances/s" line is
+    the figure, the rest of what it prints is kept in the JSON."""
+    import re  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    if not Path(__file__).with_name("queue_accept.py").exists():
         log("queue: bench/queue_accept.py not present, skipped")
         return None
-    run = getattr(module, "run", None) or getattr(module, "main", None)
-    if run is None:
-        log("queue: bench/queue_accept.py has no run(), skipped")
+    seconds = 3 if plan.quick else 5
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.queue_accept", "--seconds", str(seconds),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parent.parent)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 60)
+    except asyncio.TimeoutError:
+        proc.kill()
+        log("queue: bench/queue_accept.py did not finish in time")
         return None
-    kwargs = {}
-    parameters = inspect.signature(run).parameters
-    if "quick" in parameters:
-        kwargs["quick"] = plan.quick
-    if "workdir" in parameters:
-        kwargs["workdir"] = workdir
-    if inspect.iscoroutinefunction(run):
-        result = await run(**kwargs)
-    else:  # may run its own event loop: keep it off ours
-        result = await asyncio.to_thread(run, **kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-    log(f"queue  {result}")
-    return result if isinstance(result, dict) else {"result": result}
+    text = out.decode(errors="replace")
+    match = re.search(r"rate: ([0-9,.]+) acceptances/s", text)
+    result = {"accepts_per_s": float(match.group(1).replace(",", "")) if match else None,
+              "exit_code": proc.returncode, "output": text.strip()}
+    log(f"queue  {result['accepts_per_s']} acceptances/s (exit {proc.returncode})")
+    return result
