@@ -80,6 +80,8 @@ def write_config(workdir: Path, upstream_port: int, faulty_port: int, reaction_s
 
 async def run(args: argparse.Namespace) -> dict:
     proxy_prefix, load_prefix = ([], []) if args.no_pin else procs.pinning()
+    if load_prefix:
+        os.sched_setaffinity(0, {0})  # the steady-rate generator runs here: with the load
     # Children inherit the raised priority: proxies, upstreams and load stay ahead of whatever
     # else runs on a shared machine (reported in the table's header).
     prioritised = bool(procs.raise_priority()) if not args.no_nice else False

@@ -65,6 +65,7 @@ def json_answer(status: int, document: Any, *, keep_alive: bool, head_only: bool
 
 
 _OPEN_PREFIX: dict[str, bytes] = {}
+_OPEN_LAST: dict[str, tuple[tuple, bytes]] = {}
 _OPEN_HEAD = _STATUS_LINES[503] + b"Content-Type: application/json\r\nContent-Length: "
 
 
@@ -73,6 +74,20 @@ def circuit_open(breaker: str, retry_after: float | None, *, keep_alive: bool, h
 
     The open path's answer, so it is assembled from parts made once per breaker; the body is
     byte for byte what `json.dumps` gives for `responses.circuit_open`'s document."""
+    # An open breaker's answer changes once a millisecond (and with the Date second): under
+    # load most rejections reuse the last one built.
+    rounded = None if retry_after is None else round(max(0.0, retry_after), 3)
+    key = (rounded, keep_alive, head_only, _date_second if _date_second == int(time.time()) else -1)
+    last = _OPEN_LAST.get(breaker)
+    if last is not None and last[0] == key:
+        return last[1]
+    answer = _circuit_open(breaker, retry_after, rounded, keep_alive, head_only)
+    _OPEN_LAST[breaker] = (key, answer)
+    return answer
+
+
+def _circuit_open(breaker: str, retry_after: float | None, rounded: float | None, keep_alive: bool,
+                  head_only: bool) -> bytes:
     prefix = _OPEN_PREFIX.get(breaker)
     if prefix is None:
         prefix = _OPEN_PREFIX[breaker] = ('{"error": "circuit_open", "breaker": %s, "retry_after": '
@@ -81,7 +96,7 @@ def circuit_open(breaker: str, retry_after: float | None, *, keep_alive: bool, h
         body = prefix + b"null}"
         extra = b""
     else:
-        body = prefix + repr(round(max(0.0, retry_after), 3)).encode() + b"}"
+        body = prefix + repr(rounded).encode() + b"}"
         extra = b"Retry-After: " + retry_after_header(retry_after).encode() + b"\r\n"
     head = (_OPEN_HEAD + str(len(body)).encode() + b"\r\n" + extra + date_line()
             + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"))
