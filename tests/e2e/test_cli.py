@@ -11,13 +11,9 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.real_tools import free_port, read_until
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:
@@ -30,19 +26,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-async def wait_for_line(stream: asyncio.StreamReader, needle: str, lines: list[str]) -> str:
-    async def scan() -> str:
-        while True:
-            raw = await stream.readline()
-            if not raw:
-                raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(lines))
-            line = raw.decode()
-            lines.append(line)
-            if needle in line:
-                return line
-    return await asyncio.wait_for(scan(), 30)
 
 
 async def start(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
@@ -68,7 +51,7 @@ async def test_sigterm_drains_in_flight_requests_and_frees_the_port(write_config
     process = await start("run", "--config", str(path), "--port", str(port))
     output: list[str] = []
     try:
-        await wait_for_line(process.stdout, f"listening on http://127.0.0.1:{port}", output)
+        await read_until(process.stdout, f"listening on http://127.0.0.1:{port}", output)
         await fakes.set_mode("shipping", "slow", latency_ms=700)
         async with aiohttp.ClientSession() as session:
             request = asyncio.create_task(session.post(
@@ -106,7 +89,7 @@ async def test_demo_routes_to_all_four_fakes_and_error_mode_opens_a_breaker(conf
     output: list[str] = []
     proxy = f"http://127.0.0.1:{port}"
     try:
-        line = await wait_for_line(process.stdout, "/status", output)
+        line = await read_until(process.stdout, "/status", output)
         assert f"{proxy}/status" in line
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{proxy}/payment/charges",
