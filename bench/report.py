@@ -69,7 +69,7 @@ def render(results: dict) -> str:
         out += [f"- acceptances per second (bench/queue_accept.py): {_n(queue.get('accepts_per_s'), 0)}", "",
                 "```", queue.get("output", ""), "```"]
     else:
-        out += ["- not measured (bench/queue_accept.py absent)"]
+        out += ["- not measured in this run (bench/queue_accept.py absent, or not selected with --only)"]
     return "\n".join(out) + "\n"
 
 
