@@ -1,7 +1,8 @@
 """Breakers by "<service>.<route>", each with what its data path needs, built once per config.
 
 A reload builds new routes but keeps the breaker (state and counts) of every route whose
-policy did not change, and the fallback of every route whose fallback and upstream did not.
+policy did not change, and the stateful fallback (queue, cache) of every route whose fallback
+and upstream did not. Stateless fallbacks are rebuilt, so edited response files take effect.
 """
 
 from __future__ import annotations
@@ -137,12 +138,17 @@ class Registry:
                 # Settings changed: fresh counts, but a state an operator set stays set.
                 _MANUAL.get(previous.breaker.state, lambda b: None)(breaker)
         if (previous is not None and previous.route.fallback == route.fallback
-                and previous.upstream == upstream):
+                and previous.upstream == upstream and route.fallback is not None
+                and route.fallback.type in _STATEFUL_FALLBACKS):
             fallback = previous.fallback
         else:
             fallback = self._fallback_factory(route, upstream)
         return RouteRuntime(route, upstream, breaker, bulkhead, metrics, fallback)
 
+
+# Their state (queued requests and their replay worker, remembered answers) must survive a
+# reload; static and table fallbacks are rebuilt from the files and config they read.
+_STATEFUL_FALLBACKS = frozenset({"queue", "cache"})
 
 _MANUAL: dict[State, Callable[[Breaker], None]] = {
     State.FORCED_OPEN: Breaker.force_open,
