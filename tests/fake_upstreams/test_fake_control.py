@@ -8,29 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from fake_upstreams import SERVICE_NAMES, FakeUpstreams, ModeError, ModeSpec, UnknownServiceError
+from fake_upstreams import (
+    SERVICE_NAMES,
+    FakeUpstreams,
+    ModeError,
+    ModeSpec,
+    UnknownServiceError,
+)
 
 CHARGE = {"amount": 10, "currency": "USD", "order_id": "o-1"}
 
 
-@pytest.fixture
-async def fakes() -> AsyncIterator[FakeUpstreams]:
-    fakes = FakeUpstreams(host="127.0.0.1", base_port=0)
-    await fakes.start()
-    yield fakes
-    await fakes.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        yield session
 
 
 async def put_mode(http: aiohttp.ClientSession, fakes: FakeUpstreams, name: str, body: Any) -> tuple[int, Any]:

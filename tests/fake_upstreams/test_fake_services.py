@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
 from fake_upstreams import SERVICE_NAMES, SKUS, FakeUpstreams
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[FakeUpstreams]:
-    fakes = FakeUpstreams(host="127.0.0.1", base_port=0)
-    await fakes.start()
-    yield fakes
-    await fakes.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        yield session
 
 
 async def call(
