@@ -40,6 +40,9 @@ class Metrics:
                                  ["breaker", "fallback"], registry=r)
         self.queue_depth = Gauge("fallback_queue_depth", "Requests waiting in a fallback queue",
                                  ["queue"], registry=r)
+        self.queue_dead_letters = Gauge("fallback_queue_dead_letters",
+                                        "Requests in a fallback queue's dead letters (given up on)",
+                                        ["queue"], registry=r)
         self.queue_replayed = Counter("fallback_queue_replayed_total", "Queue replay attempts by result",
                                       ["queue", "result"], registry=r)
         self.requests = Counter("proxy_requests_total", "Requests answered by the proxy",

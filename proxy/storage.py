@@ -12,6 +12,9 @@ Two kinds of writes:
 
 `prepare` runs on the event loop, inside the writer's transaction, one job after another: a
 check it makes against state only it changes (a queue's depth, its exposure) cannot be raced.
+A job may also name a `lookup` query: it runs inside that same transaction, after every
+statement before it in the batch, and `prepare` gets its rows (a check against the table itself,
+such as "is this Idempotency-Key already queued?", raced by nothing either).
 
 Components declare their tables with `register_schema(component, migrations)`; `open` applies
 what each is missing and records it in `schema_versions`. This module must never run SQLite on
@@ -64,9 +67,11 @@ def registered_schemas() -> dict[str, tuple[str, ...]]:
 
 @dataclass(slots=True, eq=False)
 class _Job:
-    prepare: Callable[[], Sequence[Statement]]
+    prepare: Callable[..., Sequence[Statement]]  # () or (rows of lookup,)
     undo: Callable[[], None] | None
     future: asyncio.Future[None]
+    lookup: Statement | None = None
+    seen: tuple[tuple[Any, ...], ...] = ()  # what lookup returned when prepare ran
     statements: Sequence[Statement] = field(default=())
 
 
@@ -179,8 +184,8 @@ class Storage:
             self._wake.set()  # start the flush timer, or write a full batch now
         return True
 
-    async def transact(self, prepare: Callable[[], Sequence[Statement]],
-                       undo: Callable[[], None] | None = None) -> None:
+    async def transact(self, prepare: Callable[..., Sequence[Statement]],
+                       undo: Callable[[], None] | None = None, *, lookup: Statement | None = None) -> None:
         """Run `prepare` in the writer's next transaction and return once it is committed.
 
         `prepare` runs on the event loop, serialised with every other job: it may check and
@@ -188,10 +193,15 @@ class Storage:
         (the exception comes back here and nothing is written). If the statements cannot be
         committed, `undo` is called (by the writer, so even when the caller has gone) and
         StorageError is raised. A caller that is cancelled does not cancel the write.
+
+        With `lookup` (sql, params), `prepare(rows)` gets that query's rows, read inside the
+        same transaction after every earlier statement of the batch. Should the batch fail and
+        the job be written alone, the lookup runs again first; rows that changed meanwhile make
+        it StorageError (with `undo`) rather than a promise built on what is no longer there.
         """
         if self._writer is None or self._closing:
             raise StorageError(f"{self.path}: storage is not open")
-        job = _Job(prepare, undo, asyncio.get_running_loop().create_future())
+        job = _Job(prepare, undo, asyncio.get_running_loop().create_future(), lookup)
         self._jobs.append(job)
         self._wake.set()
         await asyncio.shield(job.future)
@@ -240,6 +250,9 @@ class Storage:
                 log.warning("storage: record buffer drained; %d records dropped so far", self.dropped)
 
     async def _write(self, records: list[Statement], jobs: list[_Job]) -> None:
+        if any(job.lookup is not None for job in jobs):
+            await self._write_looked_up(records, jobs)
+            return
         statements = list(records)
         ready: list[_Job] = []
         async with self._lock:
@@ -264,6 +277,68 @@ class Storage:
         for job in ready:
             _settle(job.future, None)
 
+    async def _write_looked_up(self, records: list[Statement], jobs: list[_Job]) -> None:
+        """One transaction in which each job's lookup sees every statement before it.
+
+        Statements run as soon as a lookup follows them (no executemany across such jobs): a
+        lookup must see the rows its predecessors in the batch are writing.
+        """
+        conn = self._conn
+        if conn is None:
+            raise ValueError("storage connection is closed")
+        ready: list[_Job] = []
+        pending = list(records)
+        async with self._lock:
+            await conn.execute_fetchall("BEGIN IMMEDIATE")
+            index = 0
+            looking_up = False
+            try:
+                for index, job in enumerate(jobs):
+                    if job.lookup is not None:
+                        await self._execute(pending)
+                        pending = []
+                        looking_up = True
+                        job.seen = tuple(await conn.execute_fetchall(*job.lookup))
+                        looking_up = False
+                    # No await from here to the next job: a failure never strikes a prepared job
+                    # that is not in `ready`.
+                    try:
+                        job.statements = tuple(job.prepare(job.seen) if job.lookup is not None
+                                               else job.prepare())
+                    except Exception as exc:  # noqa: BLE001  (a refusal: it belongs to the caller)
+                        _settle(job.future, exc)
+                        continue
+                    pending.extend(job.statements)
+                    ready.append(job)
+                index = len(jobs)
+                await self._execute(pending)
+                await conn.execute_fetchall("COMMIT")
+            except (sqlite3.Error, ValueError) as exc:
+                await self._rollback()
+                if looking_up:  # its own query failed: retrying it could fail forever
+                    _settle(jobs[index].future, StorageError(f"{self.path}: lookup failed: {exc}"))
+                    index += 1
+                # Jobs whose prepare never ran go to the next batch, untouched.
+                self._jobs[:0] = jobs[index:]
+                log.warning("storage: batch of %d records and %d promises failed (%s); retrying them "
+                            "one by one", len(records), len(ready), exc)
+                await self._write_alone(records, ready)
+                return
+            except BaseException:
+                await self._rollback()
+                raise
+            self.commits += 1
+        for job in ready:
+            _settle(job.future, None)
+
+    async def _rollback(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            try:
+                await conn.execute_fetchall("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("storage: rollback failed")
+
     async def _write_alone(self, records: list[Statement], jobs: list[_Job]) -> None:
         lost = 0
         for statement in records:
@@ -275,7 +350,7 @@ class Storage:
         self.dropped += lost
         for job in jobs:
             try:
-                await self._commit(job.statements)
+                await self._commit(job.statements, job)
             except (sqlite3.Error, ValueError) as exc:
                 _settle(job.future, StorageError(f"{self.path}: write failed: {exc}"))
                 if job.undo is not None:
@@ -283,33 +358,40 @@ class Storage:
             else:
                 _settle(job.future, None)
 
-    async def _commit(self, statements: list[Statement]) -> None:
-        """One transaction; consecutive statements with the same SQL go in one executemany."""
+    async def _commit(self, statements: Sequence[Statement], job: _Job | None = None) -> None:
+        """One transaction. With a `job` that has a lookup, the lookup runs again first and must
+        return what its prepare saw (ValueError otherwise: the promise no longer holds)."""
         conn = self._conn
         if conn is None:
             raise ValueError("storage connection is closed")
         await conn.execute_fetchall("BEGIN IMMEDIATE")
         try:
-            start = 0
-            while start < len(statements):
-                sql = statements[start][0]
-                end = start + 1
-                while end < len(statements) and statements[end][0] == sql:
-                    end += 1
-                if end - start == 1:
-                    await conn.execute_fetchall(sql, statements[start][1])
-                else:
-                    await conn.executemany(sql, [params for _, params in statements[start:end]])
-                start = end
+            if job is not None and job.lookup is not None and (
+                    tuple(await conn.execute_fetchall(*job.lookup)) != job.seen):
+                raise ValueError("the rows its check read changed before it could be written")
+            await self._execute(statements)
             await conn.execute_fetchall("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                try:
-                    await conn.execute_fetchall("ROLLBACK")
-                except sqlite3.Error:
-                    log.exception("storage: rollback failed")
+            await self._rollback()
             raise
         self.commits += 1
+
+    async def _execute(self, statements: Sequence[Statement]) -> None:
+        """Inside a transaction; consecutive statements with the same SQL go in one executemany."""
+        conn = self._conn
+        if conn is None:
+            raise ValueError("storage connection is closed")
+        start = 0
+        while start < len(statements):
+            sql = statements[start][0]
+            end = start + 1
+            while end < len(statements) and statements[end][0] == sql:
+                end += 1
+            if end - start == 1:
+                await conn.execute_fetchall(sql, statements[start][1])
+            else:
+                await conn.executemany(sql, [params for _, params in statements[start:end]])
+            start = end
 
 
 def _settle(future: asyncio.Future[None], outcome: BaseException | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 
 import pytest
 
@@ -165,3 +166,60 @@ async def test_promises_after_close_are_refused(open_storage):
     with pytest.raises(StorageError, match="storage is not open"):
         await storage.commit_promise(INSERT, ("late",))
     assert storage.record(INSERT, ("late",)) is False
+
+
+async def test_a_lookup_sees_the_statements_before_it_in_the_same_transaction(open_storage):
+    storage = await open_storage()
+    count = ("SELECT count(*) FROM notes", ())
+
+    def prepare(rows):
+        return [(INSERT, (f"n{rows[0][0]}",))]
+
+    await asyncio.gather(*(storage.transact(prepare, lookup=count) for _ in range(5)),
+                         storage.commit_promise(INSERT, ("plain",)))
+    assert await texts(storage) == ["n0", "n1", "n2", "n3", "n4", "plain"]
+    assert storage.commits == 1
+
+
+async def test_a_failed_batch_checks_each_lookup_again_before_writing_it_alone(open_storage):
+    storage = await open_storage()
+    await storage.commit_promise(INSERT, ("taken",))
+    execute, calls = storage._execute, []
+
+    async def flaky(statements):
+        # "x" goes in with the batch, then fails when written alone (a transient disk error).
+        if ("x",) in [params for _, params in statements]:
+            calls.append("x")
+            if len(calls) == 2:
+                raise sqlite3.OperationalError("disk I/O error")
+        await execute(statements)
+
+    storage._execute = flaky
+    undone: list[str] = []
+    after_x = ("SELECT text FROM notes WHERE text = 'x'", ())
+    results = await asyncio.gather(
+        storage.transact(lambda: [(INSERT, ("x",))], lambda: undone.append("x")),
+        storage.transact(lambda rows: () if rows else [(INSERT, ("no x",))], lambda: undone.append("saw x"),
+                         lookup=after_x),
+        storage.transact(lambda rows: [(INSERT, ("taken",))], lambda: undone.append("taken"),
+                         lookup=("SELECT 1", ())),
+        storage.commit_promise(INSERT, ("z",)), return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["StorageError", "StorageError", "StorageError", "NoneType"]
+    assert [str(r).split(": ", 1)[1] for r in results[:3]] == [
+        "write failed: disk I/O error",
+        "write failed: the rows its check read changed before it could be written",
+        "write failed: UNIQUE constraint failed: notes.text"]
+    assert undone == ["x", "saw x", "taken"]
+    assert await texts(storage) == ["taken", "z"]
+
+
+async def test_a_failing_lookup_fails_its_own_job_only(open_storage):
+    storage = await open_storage()
+    results = await asyncio.gather(
+        storage.commit_promise(INSERT, ("a",)),
+        storage.transact(lambda rows: [(INSERT, ("never",))], lookup=("SELECT * FROM missing", ())),
+        storage.transact(lambda rows: [(INSERT, (f"b{len(rows)}",))], lookup=("SELECT 1", ())),
+        return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["NoneType", "StorageError", "NoneType"]
+    assert str(results[1]).endswith("lookup failed: no such table: missing")
+    assert await texts(storage) == ["a", "b1"]

@@ -7,6 +7,11 @@ only once that COMMIT is on disk does the client get `202` with `X-Queue-Id` and
 writer's transaction, against counters only that transaction changes, so they are exact under
 any concurrency and a refused request stores nothing. `replay.ReplayWorker` delivers.
 
+Acceptance is idempotent per (queue, client Idempotency-Key): a retry of a request whose key is
+already in the queue (pending, delivered or dead letter) gets the first acceptance's answer
+again, with `Idempotent-Replayed: true`, stores nothing and counts against no limit. That
+lookup runs in the same writer transaction as the insert, so concurrent retries make one row.
+
 One `QueueBook` per app holds every queue (named after its breaker): its counters (depth,
 dead letters, exposure) live in memory so /status.json never reads SQLite. Never a 202 before
 the commit; never a replay of a maybe-delivered request that has no Idempotency-Key.
@@ -73,13 +78,17 @@ register_schema("queue", [
     """,
     # Expiry of delivered requests (housekeeping) without a scan.
     "CREATE INDEX queue_items_done ON queue_items (state, updated_wall)",
+    # Idempotent acceptance: is this client's key already in the queue?
+    "CREATE INDEX queue_items_by_key ON queue_items (queue, idempotency_key)",
 ])
 
 INSERT = ("INSERT INTO queue_items (id, queue, state, accepted_wall, updated_wall, method, target,"
           " headers, body, idempotency_key, amount) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)")
+FIND_KEY = "SELECT id FROM queue_items WHERE queue = ? AND idempotency_key = ? ORDER BY id LIMIT 1"
 EXPIRE_DELIVERED = "DELETE FROM queue_items WHERE state = 'delivered' AND updated_wall < ?"
 HOUSEKEEPING_INTERVAL_S = 600.0
 IDEMPOTENCY_KEY = "Idempotency-Key"
+REPLAYED = "Idempotent-Replayed"  # on the repeated answer to a retried acceptance (as Stripe names it)
 # Recomputed or meaningless on replay.
 _NOT_STORED = frozenset({"content-length", "expect"})
 
@@ -154,13 +163,17 @@ class QueueState:
         self.wake = asyncio.Event()  # something to deliver, or the breaker let calls through
         self.worker: ReplayWorker | None = None
         self.depth_gauge = metrics.queue_depth.labels(name) if metrics else None
+        self.dead_gauge = metrics.queue_dead_letters.labels(name) if metrics else None
         self.replayed = {result: metrics.queue_replayed.labels(name, result.value)
                          for result in (ItemState.DELIVERED, ItemState.DEAD_LETTER)} if metrics else {}
         self.retried = metrics.queue_replayed.labels(name, "retried") if metrics else None
 
-    def show_depth(self) -> None:
+    def show_counts(self) -> None:
+        """Depth and dead letters into their gauges, after the counters moved."""
         if self.depth_gauge is not None:
             self.depth_gauge.set(self.depth)
+        if self.dead_gauge is not None:
+            self.dead_gauge.set(self.dead)
 
 
 class QueueBook:
@@ -237,7 +250,7 @@ class QueueBook:
         state.depth = counts.get(ItemState.PENDING.value, 0)
         state.dead = counts.get(ItemState.DEAD_LETTER.value, 0)
         state.exposure = sum((Decimal(a) for (a,) in amounts), Decimal(0))
-        state.show_depth()
+        state.show_counts()
         state.ready.set()
         if state.depth:
             log.info("queue %s: %d pending from before, replaying", state.name, state.depth)
@@ -313,9 +326,17 @@ class QueueBook:
         row = [None, state.name, now, now, request.method, target, json.dumps(headers), body, key,
                None if amount is None else str(amount)]
         added = amount or Decimal(0)
+        replayed = False
 
-        def prepare() -> tuple[tuple[str, list[Any]], ...]:
+        def prepare(*found: tuple[tuple[Any, ...], ...]) -> tuple[tuple[str, list[Any]], ...]:
             # In the writer's transaction, serialised with every other acceptance: exact limits.
+            nonlocal replayed
+            if found and found[0]:
+                # This client's key is already queued: the same answer again, nothing stored,
+                # nothing counted (a retry after a network blip must not double the exposure).
+                row[0] = found[0][0][0]
+                replayed = True
+                return ()
             if state.depth >= options.max_depth:
                 raise Refused("queue_full", f"{state.depth} requests waiting (max_depth {options.max_depth})")
             if options.exposure_cap is not None and state.exposure + added > options.exposure_cap:
@@ -328,23 +349,30 @@ class QueueBook:
             return ((INSERT, row),)
 
         def undo() -> None:
-            state.depth -= 1
-            state.exposure -= added
+            if not replayed:
+                state.depth -= 1
+                state.exposure -= added
 
+        # Only a client's key can come back; one made here is new by construction.
+        lookup = None if client_key is None else (FIND_KEY, (state.name, key))
         try:
-            await self.storage.transact(prepare, undo)
+            await self.storage.transact(prepare, undo, lookup=lookup)
         except Refused as refusal:
             return self._refused(state, request, refusal)
         except StorageError as exc:
             log.error("queue %s: request not stored: %s", state.name, exc)
             return None  # never a 202 that is not on disk
-        state.show_depth()
-        state.wake.set()
         item_id = row[0]
-        request[DETAIL_KEY] = f"queue_id={item_id}"
+        headers_out = {"X-Queue-Id": str(item_id), IDEMPOTENCY_KEY: key}
+        if replayed:
+            headers_out[REPLAYED] = "true"
+            request[DETAIL_KEY] = f"queue_id={item_id} replayed"
+        else:
+            state.show_counts()
+            state.wake.set()
+            request[DETAIL_KEY] = f"queue_id={item_id}"
         return json_response(202, {"status": "queued", "queue": state.name, "queue_id": item_id,
-                                   "idempotency_key": key},
-                             {"X-Queue-Id": str(item_id), IDEMPOTENCY_KEY: key})
+                                   "idempotency_key": key}, headers_out)
 
     @staticmethod
     def _refused(state: QueueState, request: web.Request, refusal: Refused) -> web.Response:

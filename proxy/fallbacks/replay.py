@@ -237,7 +237,7 @@ class ReplayWorker:
         except StorageError as exc:
             log.error("queue %s: %d marks not stored, they will be replayed: %s", state.name, len(marks), exc)
             return
-        state.show_depth()
+        state.show_counts()
         for _, result, _, _, _ in marks:
             child = state.replayed.get(result)
             if child is not None:

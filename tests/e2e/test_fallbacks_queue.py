@@ -249,3 +249,99 @@ async def test_a_queue_added_by_a_reload_accepts_and_replays(start_proxy, write_
     breaker.reset()
     records = await until(lambda: _records(fakes, "notification", 1), "the queued one delivered")
     assert [r["idempotency_key"] for r in records] == [headers["Idempotency-Key"]]
+
+
+async def metric_lines(proxy, prefix: str) -> list[str]:
+    async with proxy.session.get(proxy.url("/metrics")) as response:
+        return [line for line in (await response.text()).splitlines() if line.startswith(prefix)]
+
+
+async def test_a_retried_acceptance_with_the_same_key_gets_the_first_answer_and_stores_nothing(
+        start_proxy, fakes):
+    proxy = await start(start_proxy, FakeClock())
+    await open_payment(proxy, fakes)
+    key = {"Idempotency-Key": "k-retry"}
+    first = await post(proxy, "/payment/charges", CHARGE, **key)
+    again = await post(proxy, "/payment/charges", CHARGE, **key)
+    answer = {"status": "queued", "queue": "payment.charges", "queue_id": 1, "idempotency_key": "k-retry"}
+    common = {"Content-Type": "application/json", "X-Queue-Id": "1", "Idempotency-Key": "k-retry",
+              "X-Circuit-Breaker": "payment.charges", "X-Circuit-State": "open", "X-Fallback": "queue"}
+    assert first == (202, common, answer)
+    assert again == (202, {**common, "Idempotent-Replayed": "true"}, answer)
+    other = await post(proxy, "/payment/charges", CHARGE)  # no client key: a new request every time
+    assert (other[0], other[1]["X-Queue-Id"], "Idempotent-Replayed" in other[1]) == (202, "2", False)
+    assert await rows(proxy) == [("payment.charges", "pending", "k-retry", "40", 0),
+                                 ("payment.charges", "pending", other[1]["Idempotency-Key"], "40", 0)]
+    assert {q["name"]: q for q in await queue_status(proxy)}["payment.charges"] == {
+        "name": "payment.charges", "depth": 2, "dead_letter": 0, "exposure": 80.0}
+    logs = await until(lambda: _logs(proxy, 3), "fallback_logs rows")
+    assert [(row[4], row[6]) for row in logs] == [
+        (202, "queue_id=1"), (202, "queue_id=1 replayed"), (202, "queue_id=2")]
+
+
+async def test_a_retry_after_delivery_is_still_answered_with_the_first_acceptance(start_proxy, fakes):
+    clock = FakeClock()
+    proxy = await start(start_proxy, clock)
+    await open_payment(proxy, fakes)
+    key = {"Idempotency-Key": "k-late"}
+    assert (await post(proxy, "/payment/charges", CHARGE, **key))[1]["X-Queue-Id"] == "1"
+    clock.advance(10)
+    await until(lambda: _records(fakes, "payment", 1), "the charge replayed")
+    await until(lambda: _depth(proxy, "payment.charges", 0), "marked delivered")
+    proxy.app[REGISTRY].get("payment.charges").breaker.force_open()
+    status, headers, body = await post(proxy, "/payment/charges", CHARGE, **key)
+    assert (status, headers["X-Queue-Id"], headers["Idempotent-Replayed"], body["queue_id"]) == (202, "1", "true", 1)
+    assert await rows(proxy, "SELECT state, idempotency_key FROM queue_items") == [("delivered", "k-late")]
+    assert len(fakes.service("payment").records) == 1
+
+
+async def test_concurrent_retries_with_one_key_make_one_row(start_proxy, fakes):
+    proxy = await start(start_proxy, FakeClock())
+    await open_payment(proxy, fakes)
+    results = await asyncio.gather(*(post(proxy, "/payment/charges", CHARGE, **{"Idempotency-Key": "k-same"})
+                                     for _ in range(20)))
+    answer = {"status": "queued", "queue": "payment.charges", "queue_id": 1, "idempotency_key": "k-same"}
+    assert [(s, h["X-Queue-Id"], h["Idempotency-Key"], b) for s, h, b in results] == [
+        (202, "1", "k-same", answer)] * 20
+    assert sorted(h.get("Idempotent-Replayed", "") for _, h, _ in results) == [""] + ["true"] * 19
+    assert await rows(proxy) == [("payment.charges", "pending", "k-same", "40", 0)]
+    assert {q["name"]: q for q in await queue_status(proxy)}["payment.charges"] == {
+        "name": "payment.charges", "depth": 1, "dead_letter": 0, "exposure": 40.0}
+
+
+async def test_retries_count_once_against_the_exposure_cap_and_max_depth(start_proxy, fakes):
+    proxy = await start(start_proxy, FakeClock())
+    await open_payment(proxy, fakes)
+    charge = {**CHARGE, "amount": 100}
+    for key in ("k-a", "k-b"):
+        for _ in range(3):  # the client retries each one twice
+            status, headers, _ = await post(proxy, "/payment/charges", charge, **{"Idempotency-Key": key})
+            assert (status, headers["Idempotency-Key"]) == (202, key)
+    # 200 outstanding, not 600: 50 more still fits the cap of 250, and a retry of it too.
+    assert [(await post(proxy, "/payment/charges", {**CHARGE, "amount": 50}, **{"Idempotency-Key": "k-c"}))[0]
+            for _ in range(2)] == [202, 202]
+    capped = await post(proxy, "/payment/charges", {**CHARGE, "amount": 1}, **{"Idempotency-Key": "k-d"})
+    assert capped[2] == {"error": "offline_limit", "breaker": "payment.charges",
+                         "detail": "outstanding 250 + 1 would exceed exposure_cap 250"}
+    assert await rows(proxy, "SELECT idempotency_key, amount FROM queue_items ORDER BY id") == [
+        ("k-a", "100"), ("k-b", "100"), ("k-c", "50")]
+    assert {q["name"]: q for q in await queue_status(proxy)}["payment.charges"] == {
+        "name": "payment.charges", "depth": 3, "dead_letter": 0, "exposure": 250.0}
+
+
+async def test_the_dead_letter_gauge_counts_what_a_4xx_replay_gave_up_on(start_proxy, fakes):
+    proxy = await start(start_proxy, FakeClock())
+    assert await metric_lines(proxy, "fallback_queue_dead_letters{") == [
+        'fallback_queue_dead_letters{queue="payment.charges"} 0.0',
+        'fallback_queue_dead_letters{queue="notification.notifications"} 0.0']
+    breaker = proxy.app[REGISTRY].get("notification.notifications").breaker
+    breaker.force_open()
+    assert (await post(proxy, "/notification/notifications", {"template": "no recipient"}))[0] == 202
+    breaker.reset()
+    await until(lambda: _depth(proxy, "notification.notifications", 0), "the bad one replayed")
+    assert await metric_lines(proxy, "fallback_queue_dead_letters{") == [
+        'fallback_queue_dead_letters{queue="payment.charges"} 0.0',
+        'fallback_queue_dead_letters{queue="notification.notifications"} 1.0']
+    assert await metric_lines(proxy, "fallback_queue_depth{") == [
+        'fallback_queue_depth{queue="payment.charges"} 0.0',
+        'fallback_queue_depth{queue="notification.notifications"} 0.0']

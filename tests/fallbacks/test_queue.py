@@ -6,7 +6,8 @@ from decimal import Decimal
 
 from proxy.clock import FakeClock
 from proxy.config import FallbackSpec, Match, Policy, Route
-from proxy.fallbacks.queue import QueueBook, QueueOptions, _decimal
+from proxy.fallbacks.queue import FIND_KEY, QueueBook, QueueOptions, _decimal
+from proxy.metrics import Metrics
 from proxy.storage import Storage
 
 OPTIONS = {"max_depth": 10, "max_attempts": 4, "max_body_bytes": 1024, "amount_field": "payment.amount",
@@ -48,7 +49,8 @@ async def test_counters_come_back_from_the_database(tmp_path):
                 "INSERT INTO queue_items (id, queue, state, accepted_wall, updated_wall, method, target,"
                 " headers, body, idempotency_key, amount) VALUES (?, ?, ?, 0, 0, 'POST', '/', '[]', x'', ?, ?)",
                 (item_id, queue, state, f"k{item_id}", amount))
-        book = QueueBook(storage, FakeClock())  # no registry: the workers wait, nothing is sent
+        metrics = Metrics()
+        book = QueueBook(storage, FakeClock(), metrics)  # no registry: the workers wait, nothing is sent
         for service in ("a", "b", "c"):
             book.fallback(queue_route(service))
         await book.start()
@@ -56,9 +58,32 @@ async def test_counters_come_back_from_the_database(tmp_path):
         assert book.statuses() == [{"name": "a.r", "depth": 2, "dead_letter": 1, "exposure": 10.75},
                                    {"name": "b.r", "depth": 1, "dead_letter": 0, "exposure": 0.0},
                                    {"name": "c.r", "depth": 0, "dead_letter": 0, "exposure": 0.0}]
+        gauges = [line for line in metrics.render().decode().splitlines()
+                  if line.startswith(("fallback_queue_depth{", "fallback_queue_dead_letters{"))]
+        assert gauges == ['fallback_queue_depth{queue="a.r"} 2.0', 'fallback_queue_depth{queue="b.r"} 1.0',
+                          'fallback_queue_depth{queue="c.r"} 0.0',
+                          'fallback_queue_dead_letters{queue="a.r"} 1.0',
+                          'fallback_queue_dead_letters{queue="b.r"} 0.0',
+                          'fallback_queue_dead_letters{queue="c.r"} 0.0']
         dead = await book.dead_letters("a.r")
         assert [(d["id"], d["method"], d["target"], d["idempotency_key"], d["attempts"]) for d in dead] == [
             (4, "POST", "/", "k4", 0)]
         await book.stop()
     finally:
         await storage.close()
+
+
+async def test_the_key_lookup_uses_its_index(tmp_path):
+    storage = await _open(tmp_path)
+    try:
+        plan = await storage.fetchall("EXPLAIN QUERY PLAN " + FIND_KEY, ("a.r", "k"))
+        assert [row[-1] for row in plan] == [
+            "SEARCH queue_items USING COVERING INDEX queue_items_by_key (queue=? AND idempotency_key=?)"]
+    finally:
+        await storage.close()
+
+
+async def _open(tmp_path) -> Storage:
+    storage = Storage(tmp_path / "q.db")
+    await storage.open()
+    return storage
