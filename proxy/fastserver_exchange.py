@@ -326,7 +326,7 @@ class Exchange:
         self._cancel_deadline()
         runtime = self.runtime
         assert self.permit is not None
-        self.server.proxy.record(runtime, self.permit, failed=self.failed)
+        runtime.record(self.permit, failed=self.failed)
         self.permit = None
         if self.recorder is not None and not self.failed:
             self.recorder.finish()
@@ -370,7 +370,7 @@ class Exchange:
         self.state = DONE
         self._cancel_deadline()
         assert self.permit is not None
-        self.server.proxy.record(self.runtime, self.permit, failed=True)
+        self.runtime.record(self.permit, failed=True)
         self.permit = None
         self._leave()
         self.runtime.metrics.count_request(self.status, self.server.clock.monotonic() - self.started)
@@ -384,7 +384,7 @@ class Exchange:
         self._cancel_deadline()
         runtime = self.runtime
         assert self.permit is not None
-        self.server.proxy.record(runtime, self.permit, failed=True)
+        runtime.record(self.permit, failed=True)
         self.permit = None
         fallback = runtime.fallback
         if fallback is not None and fallback.on_failure:

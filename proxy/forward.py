@@ -236,7 +236,7 @@ class Proxy:
                 except (ClientPayloadError, ClientConnectionError, asyncio.TimeoutError):
                     # The upstream broke off mid-body: a failure, and the client must see a
                     # broken response rather than a short one that looks complete.
-                    self.record(runtime, permit, failed=True)
+                    runtime.record(permit, failed=True)
                     upstream.close()
                     if request.transport is not None:
                         request.transport.close()
@@ -256,25 +256,15 @@ class Proxy:
             upstream.close()
             return response
         upstream.release()
-        self.record(runtime, permit, failed=failed)
+        runtime.record(permit, failed=failed)
         if recorder is not None and not failed:
             recorder.finish()
         return response
 
-    def record(self, runtime: RouteRuntime, permit: Permit, *, failed: bool) -> float:
-        """The outcome of a permitted call, to its breaker and its metrics."""
-        duration = runtime.breaker.record(permit, failed=failed)
-        metrics = runtime.metrics
-        (metrics.failure if failed else metrics.success).inc()
-        metrics.call_duration.observe(duration)
-        if duration * 1000 >= runtime.route.policy.slow_call_duration_ms:
-            metrics.slow.inc()
-        return duration
-
     async def _failed(self, request: web.Request, runtime: RouteRuntime, permit: Permit, reason: str,
                       maybe_delivered: bool, buffered: bytes | None, detail: str = "") -> web.Response:
         """A call let through got no response: the fallback if it is safe, else 502 / 504 (§4)."""
-        self.record(runtime, permit, failed=True)
+        runtime.record(permit, failed=True)
         fallback = runtime.fallback
         if fallback is not None and fallback.on_failure:
             response = await self._fallback(request, runtime, reason, maybe_delivered, buffered)

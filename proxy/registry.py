@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import ClientTimeout
 
-from proxy.breaker import Breaker, State, Transition
+from proxy.breaker import Breaker, Permit, State, Transition
 from proxy.bulkhead import Bulkhead
 from proxy.clock import Clock
 from proxy.config import Route, Settings
@@ -47,6 +47,16 @@ class RouteRuntime:
         self.timeout_s = policy.timeout_ms / 1000
         self.timeout = ClientTimeout(total=self.timeout_s, connect=policy.connect_timeout_ms / 1000)
         self.failure_statuses = policy.failure_statuses
+
+    def record(self, permit: Permit, *, failed: bool) -> float:
+        """The outcome of a permitted call, to its breaker and its metrics; its duration."""
+        duration = self.breaker.record(permit, failed=failed)
+        metrics = self.metrics
+        (metrics.failure if failed else metrics.success).inc()
+        metrics.call_duration.observe(duration)
+        if duration * 1000 >= self.route.policy.slow_call_duration_ms:
+            metrics.slow.inc()
+        return duration
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ from aiohttp import (
 )
 from yarl import URL
 
+from proxy.background import stop_task
 from proxy.breaker import Permit, State
 from proxy.fallbacks.queue import ItemState, QueueBook, QueueState
 from proxy.storage import StorageError
@@ -67,13 +68,7 @@ class ReplayWorker:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # we are being cancelled ourselves
+        await stop_task(task)
         await self._flush()  # what was delivered stays delivered
 
     # -- the loop --------------------------------------------------------------------------------
@@ -179,25 +174,16 @@ class ReplayWorker:
             breaker.release(permit)
             raise
         except (TimeoutError, ClientError) as exc:
-            self._record(runtime, permit, failed=True)
+            runtime.record(permit, failed=True)
             never_sent = isinstance(exc, (ClientConnectorError, ConnectionTimeoutError))
             return None, f"{type(exc).__name__}: {exc}"[:300], not never_sent
-        self._record(runtime, permit, failed=status in runtime.failure_statuses)
+        runtime.record(permit, failed=status in runtime.failure_statuses)
         if 200 <= status < 300:
             return ItemState.DELIVERED, None, True
         error = f"HTTP {status}: {answer[:200].decode(errors='replace')}"
         if 400 <= status < 500:
             return ItemState.DEAD_LETTER, error, True  # the request itself is wrong: retrying cannot help
         return None, error, True
-
-    @staticmethod
-    def _record(runtime: RouteRuntime, permit: Permit, *, failed: bool) -> None:
-        duration = runtime.breaker.record(permit, failed=failed)
-        metrics = runtime.metrics
-        (metrics.failure if failed else metrics.success).inc()
-        metrics.call_duration.observe(duration)
-        if duration * 1000 >= runtime.route.policy.slow_call_duration_ms:
-            metrics.slow.inc()
 
     # -- marks -------------------------------------------------------------------------------------
 
