@@ -71,14 +71,18 @@ def tokens(value: bytes) -> list[bytes]:
     return [token for token in (part.strip(b" \t").lower() for part in value.split(b",")) if token]
 
 
+def split_head(head: bytes) -> tuple[bytes, bytes]:
+    """(start line, header section with each field ending in CRLF) of a head without its blank line."""
+    line_end = head.find(b"\r\n")
+    if line_end < 0:
+        return head, b""
+    return head[:line_end], head[line_end + 2:] + b"\r\n"
+
+
 def parse_request_head(head: bytes, max_header_bytes: int) -> RequestHead:
     """`head` is everything before the blank line (request line, CRLF, fields without the
     final CRLF). Raises HttpError (400, 417, 431, 505)."""
-    line_end = head.find(b"\r\n")
-    if line_end < 0:
-        line, section = head, b""
-    else:
-        line, section = head[:line_end], head[line_end + 2:] + b"\r\n"
+    line, section = split_head(head)
     match = _REQUEST_LINE.fullmatch(line)
     if match is None:
         if _OTHER_VERSION.fullmatch(line):
@@ -153,11 +157,7 @@ class ResponseHead:
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """An upstream's response head (without the blank line). Raises HttpError(502, …)."""
-    line_end = head.find(b"\r\n")
-    if line_end < 0:
-        line, section = head, b""
-    else:
-        line, section = head[:line_end], head[line_end + 2:] + b"\r\n"
+    line, section = split_head(head)
     match = _STATUS_LINE.fullmatch(line)
     if match is None:
         raise HttpError(502, "malformed status line from the upstream")
