@@ -9,16 +9,16 @@ from collections.abc import AsyncIterator
 from aiohttp import ClientSession, DummyCookieJar, TCPConnector, web
 
 from proxy import observability
-from proxy.clock import Clock, SystemClock
-from proxy.config import Settings
+from proxy.core.clock import Clock, SystemClock
+from proxy.config.model import Settings
 from proxy.fallbacks import FallbackDeps, build_fallback
 from proxy.fallbacks.log import FallbackLog
 from proxy.fallbacks.queue import QueueBook
 from proxy.forward import Proxy
-from proxy.metrics import Metrics
-from proxy.persistence import persistence_context
-from proxy.registry import Registry
-from proxy.storage import Storage
+from proxy.runtime.metrics import Metrics
+from proxy.runtime.persistence import persistence_context
+from proxy.runtime.registry import Registry
+from proxy.storage.sqlite import Storage
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from dataclasses import replace
 from collections.abc import Awaitable, Callable
 
 from proxy.app import build_app
-from proxy.config import Settings
-from proxy.config_load import ConfigError, load_settings
+from proxy.config.model import Settings
+from proxy.config.load import ConfigError, load_settings
 from proxy.fastserver import FastServer, start_server
-from proxy.logs import setup_logging
+from proxy.ops.logs import setup_logging
 from proxy.observability import RELOADER
-from proxy.reload import reload_on_sighup
+from proxy.ops.reload import reload_on_sighup
 
 log = logging.getLogger("proxy")
 

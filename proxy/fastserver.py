@@ -25,10 +25,10 @@ from yarl import URL
 
 from proxy import fastserver_wire as wire
 from proxy.app import PROXY
-from proxy.config import ServerSettings
+from proxy.config.model import ServerSettings
 from proxy.fastserver_exchange import Deadlines, Exchange
 from proxy.fastserver_parse import ChunkedDecoder, HttpError, RequestHead, parse_request_head
-from proxy.routing import has_dot_segment, split_service
+from proxy.core.routing import has_dot_segment, split_service
 from proxy.upstream_pool import UpstreamPool
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from multidict import CIMultiDict
 
 from proxy import fastserver_wire as wire
-from proxy.breaker import Permit
+from proxy.core.breaker import Permit
 from proxy.fastserver_parse import LAST_CHUNK, RequestHead, ResponseHead, encode_chunk
-from proxy.headers import downstream_response_fields, upstream_request_head
-from proxy.registry import RouteRuntime
+from proxy.core.headers import downstream_response_fields, upstream_request_head
+from proxy.runtime.registry import RouteRuntime
 from proxy.upstream_pool import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection
 
 if TYPE_CHECKING:

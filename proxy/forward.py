@@ -26,12 +26,12 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import responses
-from proxy.breaker import Permit, State
-from proxy.clock import Clock
+from proxy.core.breaker import Permit, State
+from proxy.core.clock import Clock
 from proxy.fallbacks import FallbackContext
-from proxy.headers import downstream_response_headers, upstream_request_headers
-from proxy.registry import Registry, RouteRuntime
-from proxy.routing import has_dot_segment, split_service
+from proxy.core.headers import downstream_response_headers, upstream_request_headers
+from proxy.runtime.registry import Registry, RouteRuntime
+from proxy.core.routing import has_dot_segment, split_service
 
 log = logging.getLogger(__name__)
 

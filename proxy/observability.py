@@ -12,15 +12,15 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy.admin import Admin, resolve_token
-from proxy.alerts import Alerter
-from proxy.config import Settings
-from proxy.metrics import Metrics
-from proxy.registry import Registry
-from proxy.reload import Reloader
-from proxy.sse import EventHub
-from proxy.sse import install as install_events
-from proxy.status import QueueSource, StatusBoard, status_json_handler, status_page_handler
+from proxy.ops.admin import Admin, resolve_token
+from proxy.ops.alerts import Alerter
+from proxy.config.model import Settings
+from proxy.runtime.metrics import Metrics
+from proxy.runtime.registry import Registry
+from proxy.ops.reload import Reloader
+from proxy.ops.events import EventHub
+from proxy.ops.events import install as install_events
+from proxy.ops.status import QueueSource, StatusBoard, status_json_handler, status_page_handler
 
 log = logging.getLogger(__name__)
 

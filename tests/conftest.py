@@ -18,9 +18,9 @@ from aiohttp import web
 
 from fake_upstreams import FakeUpstreams
 from proxy.app import build_app
-from proxy.clock import Clock
-from proxy.config import Settings
-from proxy.config_load import load_settings
+from proxy.core.clock import Clock
+from proxy.config.model import Settings
+from proxy.config.load import load_settings
 from proxy.fastserver import FastServer, start_server
 
 ROOT = Path(__file__).resolve().parent.parent

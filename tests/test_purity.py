@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-PURE = ["proxy.clock", "proxy.config", "proxy.config_values", "proxy.window", "proxy.breaker",
-        "proxy.bulkhead", "proxy.routing", "proxy.headers", "proxy.fastserver_parse"]
+PURE = ["proxy.core.clock", "proxy.config.model", "proxy.config.values", "proxy.core.window", "proxy.core.breaker",
+        "proxy.core.bulkhead", "proxy.core.routing", "proxy.core.headers", "proxy.fastserver_parse"]
 FORBIDDEN = ["asyncio", "aiohttp", "sqlite3", "aiosqlite", "prometheus_client"]
 
 

@@ -19,19 +19,19 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from proxy.routing import split_service
+from proxy.core.routing import split_service
 
 if TYPE_CHECKING:
     from aiohttp import ClientSession
 
-    from proxy.breaker import BreakerView
-    from proxy.clock import Clock
-    from proxy.config import Route
+    from proxy.core.breaker import BreakerView
+    from proxy.core.clock import Clock
+    from proxy.config.model import Route
     from proxy.fallbacks.queue import QueueBook
-    from proxy.fallbacks.template import RenderContext
-    from proxy.metrics import Metrics
-    from proxy.registry import Registry
-    from proxy.storage import Storage
+    from proxy.core.template import RenderContext
+    from proxy.runtime.metrics import Metrics
+    from proxy.runtime.registry import Registry
+    from proxy.storage.sqlite import Storage
 
 # Reasons for which the call was let through and got no answer: its body went upstream.
 LET_THROUGH = frozenset({"unreachable", "timeout"})
@@ -151,7 +151,7 @@ def service_target(request: web.Request) -> tuple[str, str]:
 
 
 def render_context(request: web.Request, ctx: FallbackContext, body: Any, now_wall: float) -> RenderContext:
-    from proxy.fallbacks.template import RenderContext
+    from proxy.core.template import RenderContext
     view = ctx.view
     raw = request.raw_path
     path = raw.split("?", 1)[0]

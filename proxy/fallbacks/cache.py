@@ -20,10 +20,10 @@ from typing import Any
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from proxy.config import Route
+from proxy.config.model import Route
 from proxy.fallbacks import DETAIL_KEY, FallbackContext, FallbackDeps
 from proxy.fallbacks.static import Canned, load_spec
-from proxy.headers import HOP_BY_HOP
+from proxy.core.headers import HOP_BY_HOP
 
 log = logging.getLogger(__name__)
 

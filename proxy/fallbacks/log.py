@@ -12,9 +12,9 @@ import logging
 
 from aiohttp import web
 
-from proxy.clock import Clock
+from proxy.core.clock import Clock
 from proxy.fallbacks import DETAIL_KEY
-from proxy.storage import Storage, register_schema
+from proxy.storage.sqlite import Storage, register_schema
 
 log = logging.getLogger(__name__)
 

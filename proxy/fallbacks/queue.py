@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 
-from proxy.breaker import State, Transition
-from proxy.clock import Clock
-from proxy.config import Route
+from proxy.core.breaker import State, Transition
+from proxy.core.clock import Clock
+from proxy.config.model import Route
 from proxy.fallbacks import (
     DETAIL_KEY,
     FallbackContext,
@@ -44,16 +44,16 @@ from proxy.fallbacks import (
     request_body,
     service_target,
 )
-from proxy.headers import upstream_request_headers
+from proxy.core.headers import upstream_request_headers
 from proxy.responses import json_response
-from proxy.storage import Storage, StorageError, register_schema
+from proxy.storage.sqlite import Storage, StorageError, register_schema
 
 if TYPE_CHECKING:
     from aiohttp import ClientSession
 
     from proxy.fallbacks.replay import ReplayWorker
-    from proxy.metrics import Metrics
-    from proxy.registry import Registry
+    from proxy.runtime.metrics import Metrics
+    from proxy.runtime.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,12 @@ from aiohttp import (
 from yarl import URL
 
 from proxy.background import stop_task
-from proxy.breaker import Permit, State
+from proxy.core.breaker import Permit, State
 from proxy.fallbacks.queue import ItemState, QueueBook, QueueState
-from proxy.storage import StorageError
+from proxy.storage.sqlite import StorageError
 
 if TYPE_CHECKING:
-    from proxy.registry import RouteRuntime
+    from proxy.runtime.registry import RouteRuntime
 
 log = logging.getLogger(__name__)
 

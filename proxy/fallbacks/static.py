@@ -13,8 +13,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import responses
-from proxy.config import Route
-from proxy.fallback_options import resolve_fallback_file
+from proxy.config.model import Route
+from proxy.config.fallback_options import resolve_fallback_file
 from proxy.fallbacks import (
     FallbackContext,
     FallbackDeps,
@@ -23,7 +23,7 @@ from proxy.fallbacks import (
     render_context,
     request_body,
 )
-from proxy.fallbacks.template import ResponseSpec, TemplateError, load_response_file
+from proxy.core.template import ResponseSpec, TemplateError, load_response_file
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.config import Route
+from proxy.config.model import Route
 from proxy.fallbacks import (
     DETAIL_KEY,
     FallbackContext,

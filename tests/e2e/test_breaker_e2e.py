@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from proxy.clock import FakeClock
+from proxy.core.clock import FakeClock
 
 CHARGE = {"amount": 10, "currency": "EUR", "order_id": "o-1"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from proxy.app import STORAGE
-from proxy.clock import FakeClock
+from proxy.core.clock import FakeClock
 
 CONFIG = """
     storage: {path: $db}

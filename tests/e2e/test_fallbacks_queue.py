@@ -6,8 +6,8 @@ import asyncio
 import json
 
 from proxy.app import QUEUES, REGISTRY, STORAGE
-from proxy.clock import FakeClock
-from proxy.config_load import load_settings
+from proxy.core.clock import FakeClock
+from proxy.config.load import load_settings
 
 CONFIG = """
     storage: {path: $db}

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from proxy.app import REGISTRY, STORAGE
-from proxy.clock import FakeClock
-from proxy.config_load import ConfigError, load_settings
+from proxy.core.clock import FakeClock
+from proxy.config.load import ConfigError, load_settings
 
 POLICY = """
     storage: {path: $db}

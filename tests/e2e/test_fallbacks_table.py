@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from proxy.app import STORAGE
-from proxy.clock import FakeClock
-from proxy.config_load import ConfigError, load_settings
+from proxy.core.clock import FakeClock
+from proxy.config.load import ConfigError, load_settings
 
 CONFIG = """
     storage: {path: $db}

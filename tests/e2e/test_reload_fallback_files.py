@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from proxy.clock import FakeClock
+from proxy.core.clock import FakeClock
 from proxy.observability import ADMIN_TOKEN
 
 CONFIG = """

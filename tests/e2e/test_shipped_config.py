@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from proxy.clock import FakeClock
+from proxy.core.clock import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from proxy.clock import FakeClock
-from proxy.config import FallbackSpec, Match, Policy, Route
+from proxy.core.clock import FakeClock
+from proxy.config.model import FallbackSpec, Match, Policy, Route
 from proxy.fallbacks.queue import FIND_KEY, QueueBook, QueueOptions, _decimal
-from proxy.metrics import Metrics
-from proxy.storage import Storage
+from proxy.runtime.metrics import Metrics
+from proxy.storage.sqlite import Storage
 
 OPTIONS = {"max_depth": 10, "max_attempts": 4, "max_body_bytes": 1024, "amount_field": "payment.amount",
            "floor_limit": 100, "exposure_cap": 250.5, "retry_base_ms": 100, "retry_max_ms": 1000,

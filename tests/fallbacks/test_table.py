@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from proxy.clock import FakeClock
-from proxy.config import FallbackSpec, Match, Policy, Route
+from proxy.core.clock import FakeClock
+from proxy.config.model import FallbackSpec, Match, Policy, Route
 from proxy.fallbacks import FallbackDeps
 from proxy.fallbacks.table import TableFallback
 

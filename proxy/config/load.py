@@ -1,0 +1,393 @@
+"""YAML + environment → Settings, or ConfigError listing every problem.
+
+The only module that reads the config file and `os.environ`. It composes the document with
+`yaml.SafeLoader` (no tags that build objects), walks the nodes with their key paths so each
+problem names `file:line: key.path: message`, applies `defaults` → service → route
+inheritance and the seed's environment overrides, and collects every problem before raising.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.config.model import (
+    POLICY_KEYS,
+    AdminSettings,
+    AlertSettings,
+    FallbackSpec,
+    Match,
+    Policy,
+    Route,
+    ServerSettings,
+    Service,
+    Settings,
+    StorageSettings,
+    Webhook,
+    WindowSpec,
+)
+from proxy.config.nodes import MISSING, Ctx, join, mapping, scalar, section_values, unknown_keys
+from proxy.config.values import (
+    POLICY_VALUES, Invalid, boolean, choice, events, http_url, integer, methods, number,
+    path_prefix, regex, text,
+)
+from proxy.config.fallback_options import FALLBACK_TYPES, validate_fallback_options
+
+ENV_OVERRIDES: dict[str, str] = {
+    "CIRCUIT_BREAKER_FAILURE_THRESHOLD": "failure_threshold",
+    "CIRCUIT_BREAKER_TIMEOUT": "open_timeout_ms",
+    "CIRCUIT_BREAKER_SUCCESS_THRESHOLD": "success_threshold",
+}
+RESERVED_SERVICE_NAMES = frozenset({"status", "status.json", "metrics", "healthz", "admin"})
+_SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, one human-readable line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(slots=True)
+class _Layer:
+    """Policy values set at one level, with where each was set (for cross-key errors)."""
+
+    values: dict[str, Any]
+    nodes: dict[str, tuple[yaml.Node | None, str]]
+
+
+def _policy_layer(ctx: Ctx, entries: Mapping[str, tuple[yaml.Node, yaml.Node]], path: str) -> _Layer:
+    layer = _Layer({}, {})
+    for key in POLICY_KEYS:
+        if key not in entries:
+            continue
+        key_node, value_node = entries[key]
+        key_path = join(path, key)
+        value = (_window(ctx, value_node, key_path) if key == "window"
+                 else scalar(ctx, value_node, key_path, POLICY_VALUES[key]))
+        if value is not MISSING:
+            layer.values[key] = value
+            layer.nodes[key] = (value_node, key_path)
+    return layer
+
+
+def _window(ctx: Ctx, node: yaml.Node, path: str) -> WindowSpec | object:
+    entries = mapping(ctx, node, path)
+    if entries is None:
+        return MISSING
+    unknown_keys(ctx, entries, ("type", "size", "seconds"), path)
+    kind = "count"
+    if "type" in entries:
+        kind = scalar(ctx, entries["type"][1], f"{path}.type", choice("count", "time"))
+        if kind is MISSING:
+            return MISSING
+    wrong = "seconds" if kind == "count" else "size"
+    if wrong in entries:
+        ctx.report(entries[wrong][0], f"{path}.{wrong}", f"not used by a {kind} window")
+        return MISSING
+    amount_key, default, maximum = ("size", 20, 100_000) if kind == "count" else ("seconds", 30, 3600)
+    amount = default
+    if amount_key in entries:
+        amount = scalar(ctx, entries[amount_key][1], f"{path}.{amount_key}", integer(1, maximum))
+        if amount is MISSING:
+            return MISSING
+    if kind == "count":
+        return WindowSpec(type="count", size=amount, seconds=None)
+    return WindowSpec(type="time", size=None, seconds=amount)
+
+
+def _env_layer(ctx: Ctx, environ: Mapping[str, str]) -> _Layer:
+    layer = _Layer({}, {})
+    for name, key in ENV_OVERRIDES.items():
+        raw = environ.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            value = POLICY_VALUES[key](int(raw.strip()))
+        except ValueError:
+            ctx.problems.append(f"env {name}: defaults.{key}: not an integer: {raw!r}")
+            continue
+        except Invalid as exc:
+            ctx.problems.append(f"env {name}: defaults.{key}: {exc}")
+            continue
+        layer.values[key] = value
+        layer.nodes[key] = (None, f"env {name}")
+    return layer
+
+
+def _effective_policy(ctx: Ctx, layers: list[_Layer]) -> Policy:
+    """Merge layers (lowest first) and check the keys that constrain each other."""
+    values: dict[str, Any] = {}
+    origin: dict[str, tuple[yaml.Node | None, str]] = {}
+    for layer in layers:
+        values.update(layer.values)
+        origin.update(layer.nodes)
+    policy = replace(Policy(), **values)
+    if "max_open_timeout_ms" not in values and policy.open_timeout_ms > policy.max_open_timeout_ms:
+        # Only an explicit cap can conflict; an implicit one follows the open timeout.
+        policy = replace(policy, max_open_timeout_ms=policy.open_timeout_ms)
+    if policy.max_open_timeout_ms < policy.open_timeout_ms:
+        node, path = origin["max_open_timeout_ms"]
+        ctx.report(node, path, f"{policy.max_open_timeout_ms} is smaller than "
+                               f"open_timeout_ms ({policy.open_timeout_ms})")
+    if policy.window.type == "count" and policy.window.size < policy.minimum_calls:
+        # Blame whichever of the two keys was written later (the more specific level).
+        window_node, window_path = origin.get("window", (None, "defaults.window"))
+        calls_node, calls_path = origin.get("minimum_calls", (None, "defaults.minimum_calls"))
+        if window_node is not None and (calls_node is None or
+                                        window_node.start_mark.line >= calls_node.start_mark.line):
+            ctx.report(window_node, f"{window_path}.size", f"{policy.window.size} is smaller than "
+                                                           f"minimum_calls ({policy.minimum_calls})")
+        else:
+            ctx.report(calls_node, calls_path, f"{policy.minimum_calls} is larger than the window "
+                                               f"size ({policy.window.size})")
+    return policy
+
+
+# --- sections -----------------------------------------------------------------------------
+
+_SERVER_SCHEMA: dict[str, Callable[[Any], Any]] = {
+    "host": text,
+    "port": integer(0, 65535),
+    "max_body_bytes": integer(1),
+    "max_header_bytes": integer(256),
+    "drain_timeout_s": number(0.0),
+    "access_log": boolean,
+    "log_format": choice("text", "json"),
+}
+_STORAGE_SCHEMA: dict[str, Callable[[Any], Any]] = {
+    "path": text,
+    "snapshot_interval_s": number(0.1),
+    "retention_hours": number(0.01),
+}
+_ADMIN_SCHEMA: dict[str, Callable[[Any], Any]] = {"token_env": text}
+_TOP_KEYS = ("server", "storage", "admin", "alerts", "defaults", "services")
+_SERVICE_KEYS = ("upstream", "routes", *POLICY_KEYS)
+_ROUTE_KEYS = ("match", "fallback", *POLICY_KEYS)
+
+
+def _alerts(ctx: Ctx, node: yaml.Node | None) -> AlertSettings:
+    if node is None:
+        return AlertSettings()
+    entries = mapping(ctx, node, "alerts")
+    if entries is None:
+        return AlertSettings()
+    unknown_keys(ctx, entries, ("webhooks",), "alerts")
+    if "webhooks" not in entries:
+        return AlertSettings()
+    hooks_node = entries["webhooks"][1]
+    if not isinstance(hooks_node, yaml.SequenceNode):
+        ctx.report(hooks_node, "alerts.webhooks", "must be a list")
+        return AlertSettings()
+    hooks = []
+    for index, hook_node in enumerate(hooks_node.value):
+        path = f"alerts.webhooks[{index}]"
+        hook = mapping(ctx, hook_node, path)
+        if hook is None:
+            continue
+        unknown_keys(ctx, hook, ("url", "events"), path)
+        if "url" not in hook:
+            ctx.report(hook_node, f"{path}.url", "required")
+            continue
+        url = scalar(ctx, hook["url"][1], f"{path}.url", http_url)
+        hook_events = frozenset({"open", "close"})
+        if "events" in hook:
+            hook_events = scalar(ctx, hook["events"][1], f"{path}.events", events)
+        if url is not MISSING and hook_events is not MISSING:
+            hooks.append(Webhook(url=url, events=hook_events))
+    return AlertSettings(webhooks=tuple(hooks))
+
+
+def _match(ctx: Ctx, node: yaml.Node | None, path: str) -> Match:
+    if node is None:
+        return Match()
+    entries = mapping(ctx, node, path)
+    if entries is None:
+        return Match()
+    unknown_keys(ctx, entries, ("methods", "path", "path_regex"), path)
+    allowed = None
+    if "methods" in entries:
+        allowed = scalar(ctx, entries["methods"][1], f"{path}.methods", methods)
+        allowed = None if allowed is MISSING else allowed
+    prefix = None
+    if "path" in entries:
+        prefix = scalar(ctx, entries["path"][1], f"{path}.path", path_prefix)
+        prefix = None if prefix is MISSING else prefix
+    pattern = None
+    if "path_regex" in entries:
+        pattern = scalar(ctx, entries["path_regex"][1], f"{path}.path_regex", regex)
+        pattern = None if pattern is MISSING else pattern
+    if prefix is not None and pattern is not None:
+        ctx.report(entries["path_regex"][0], f"{path}.path_regex", "use either path or path_regex, not both")
+    return Match(methods=allowed, path=prefix, path_regex=pattern)
+
+
+def _fallback(ctx: Ctx, node: yaml.Node, path: str, fallback_dir: Path | None) -> FallbackSpec | None:
+    entries = mapping(ctx, node, path)
+    if entries is None:
+        return None
+    if "type" not in entries:
+        ctx.report(node, f"{path}.type", f"required (one of {', '.join(FALLBACK_TYPES)})")
+        return None
+    kind = scalar(ctx, entries["type"][1], f"{path}.type", choice(*FALLBACK_TYPES))
+    if kind is MISSING:
+        return None
+    on_failure = True
+    if "on_failure" in entries:
+        on_failure = scalar(ctx, entries["on_failure"][1], f"{path}.on_failure", boolean)
+    options_nodes = {k: v for k, v in entries.items() if k not in ("type", "on_failure")}
+
+    def report(key: str | None, message: str) -> None:
+        where = options_nodes[key][1] if key in options_nodes else node
+        ctx.report(where, join(path, key) if key else path, message)
+
+    raw = {}
+    for key, (_, value_node) in options_nodes.items():
+        value = scalar(ctx, value_node, join(path, key), lambda v: v)
+        if value is MISSING:
+            return None
+        raw[key] = value
+    options = validate_fallback_options(kind, raw, fallback_dir, report)
+    if options is None or on_failure is MISSING:
+        return None
+    return FallbackSpec(type=kind, on_failure=on_failure, options=options)
+
+
+def _routes(ctx: Ctx, service: str, node: yaml.Node | None, path: str, policy_layers: list[_Layer],
+            fallback_dir: Path | None) -> tuple[Route, ...]:
+    entries = mapping(ctx, node, path) if node is not None else {}
+    if entries is None:
+        return ()
+    routes = []
+    for name, (key_node, route_node) in entries.items():
+        route_path = f"{path}.{name}"
+        if not _ROUTE_NAME.fullmatch(name):
+            ctx.report(key_node, route_path, "route names use letters, digits, '-' and '_'")
+            continue
+        route_entries = mapping(ctx, route_node, route_path)
+        if route_entries is None:
+            continue
+        unknown_keys(ctx, route_entries, _ROUTE_KEYS, route_path)
+        if name == "default" and "match" in route_entries:
+            ctx.report(route_entries["match"][0], f"{route_path}.match",
+                       "the default route matches everything; remove match")
+        match = _match(ctx, route_entries.get("match", (None, None))[1], f"{route_path}.match")
+        fallback = None
+        if "fallback" in route_entries:
+            fallback = _fallback(ctx, route_entries["fallback"][1], f"{route_path}.fallback", fallback_dir)
+        layer = _policy_layer(ctx, route_entries, route_path)
+        policy = _effective_policy(ctx, [*policy_layers, layer])
+        route = Route(service=service, name=name, match=match if name != "default" else Match(),
+                      policy=policy, fallback=fallback)
+        routes.append(route)
+    # The default route is always last, and present even when not written (§1a).
+    routes.sort(key=lambda r: r.name == "default")
+    if not routes or routes[-1].name != "default":
+        routes.append(Route(service=service, name="default", match=Match(),
+                            policy=_effective_policy(ctx, policy_layers)))
+    return tuple(routes)
+
+
+def _services(ctx: Ctx, node: yaml.Node | None, base_layers: list[_Layer],
+              fallback_dir: Path | None) -> tuple[Service, ...]:
+    if node is None:
+        return ()
+    entries = mapping(ctx, node, "services")
+    if entries is None:
+        return ()
+    services = []
+    for name, (key_node, service_node) in entries.items():
+        path = f"services.{name}"
+        if not _SERVICE_NAME.fullmatch(name) or name in RESERVED_SERVICE_NAMES:
+            ctx.report(key_node, path, "service names use lowercase letters, digits, '-' and '_' "
+                                       "and must not be a reserved path (status, metrics, healthz, admin)")
+            continue
+        service_entries = mapping(ctx, service_node, path)
+        if service_entries is None:
+            continue
+        unknown_keys(ctx, service_entries, _SERVICE_KEYS, path)
+        if "upstream" not in service_entries:
+            ctx.report(service_node, f"{path}.upstream", "required")
+            continue
+        upstream = scalar(ctx, service_entries["upstream"][1], f"{path}.upstream", http_url)
+        layers = [*base_layers, _policy_layer(ctx, service_entries, path)]
+        routes_node = service_entries.get("routes", (None, None))[1]
+        routes = _routes(ctx, name, routes_node, f"{path}.routes", layers, fallback_dir)
+        if upstream is not MISSING:
+            services.append(Service(name=name, upstream=upstream, routes=routes))
+    return tuple(services)
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# --- entry points -------------------------------------------------------------------------
+
+def parse_settings(text: str, *, source: str, environ: Mapping[str, str] | None = None,
+                   config_path: Path | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    loader = yaml.SafeLoader(text)
+    ctx = Ctx(source=source, loader=loader, problems=[])
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError([f"{source}{line}: yaml: {exc.problem or exc.context}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: yaml: {exc}"]) from None
+    finally:
+        loader.dispose()
+    if root is None:
+        raise ConfigError([f"{source}: the file is empty"])
+    entries = mapping(ctx, root, "")
+    if entries is None:
+        raise ConfigError(ctx.problems)
+    unknown_keys(ctx, entries, _TOP_KEYS, "")
+
+    def section(name: str) -> yaml.Node | None:
+        return entries[name][1] if name in entries else None
+
+    fallback_dir = config_path.resolve().parent.parent / "fallback_responses" if config_path else None
+    server = _build(ServerSettings, section_values(ctx, section("server"), "server", _SERVER_SCHEMA))
+    storage = _build(StorageSettings, section_values(ctx, section("storage"), "storage", _STORAGE_SCHEMA))
+    admin = _build(AdminSettings, section_values(ctx, section("admin"), "admin", _ADMIN_SCHEMA))
+    alerts = _alerts(ctx, section("alerts"))
+    defaults_layer = _Layer({}, {})
+    if section("defaults") is not None:
+        defaults_entries = mapping(ctx, section("defaults"), "defaults")
+        if defaults_entries is not None:
+            unknown_keys(ctx, defaults_entries, POLICY_KEYS, "defaults")
+            defaults_layer = _policy_layer(ctx, defaults_entries, "defaults")
+    # Precedence (§1a): route > service > environment > defaults > built-in.
+    base_layers = [defaults_layer, _env_layer(ctx, environ)]
+    _effective_policy(ctx, base_layers)
+    services = _services(ctx, section("services"), base_layers, fallback_dir)
+    if not entries.get("services") and not ctx.problems:
+        ctx.report(root, "services", "required: at least one service")
+    if ctx.problems:
+        raise ConfigError(ctx.problems)
+    return Settings(server=server, storage=storage, admin=admin, alerts=alerts, services=services,
+                    config_path=config_path, fallback_dir=fallback_dir)
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the config at `path`; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"{path}: cannot read: {reason}"]) from None
+    return parse_settings(text, source=str(path), environ=environ, config_path=path)

@@ -1,0 +1,178 @@
+"""/status.json (fixed shape, §6), the /status page, and the StatusBoard behind both.
+
+The board keeps what a breaker does not: its last few transitions and a short history of
+outcome counts per tick (the page's sparkline). It is fed by a transition listener and by
+the live-status ticker (`proxy.ops.events`), never by requests, so it costs nothing per call.
+Everything shown on the page is put there with `textContent`, so names from the config or
+values from requests are never parsed as HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from proxy.core.breaker import Transition
+from proxy.runtime.metrics import Metrics
+from proxy.runtime.registry import Registry, RouteRuntime
+
+log = logging.getLogger(__name__)
+
+TRANSITIONS_KEPT = 8  # per breaker, newest last
+HISTORY_KEPT = 60  # ticks of outcome counts per breaker (a minute at the default tick)
+
+QueueSource = Callable[[], list[dict[str, Any]]]
+
+
+def iso(wall: float | None) -> str | None:
+    """Epoch seconds → ISO 8601 UTC with milliseconds and a Z, as every document shows time."""
+    if wall is None:
+        return None
+    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class StatusBoard:
+    """Recent transitions and outcome history per breaker, plus where the queues come from."""
+
+    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+        self._registry = registry
+        self._metrics = metrics
+        self._transitions: dict[str, deque[dict[str, Any]]] = {}
+        self._history: dict[str, deque[tuple[int, int, int]]] = {}
+        self._last_calls: dict[str, tuple[int, int, int]] = {}
+        # The queue fallbacks report [{"name", "depth", "dead_letter"}] through this.
+        self.queues: QueueSource = list
+
+    def on_transition(self, transition: Transition) -> None:
+        """A breaker listener: remember the transition (non-blocking, bounded)."""
+        kept = self._transitions.get(transition.breaker)
+        if kept is None:
+            kept = self._transitions[transition.breaker] = deque(maxlen=TRANSITIONS_KEPT)
+        kept.append({"from_state": transition.from_state.value, "to_state": transition.to_state.value,
+                     "at": iso(transition.at_wall), "reason": transition.reason})
+
+    def sample(self) -> None:
+        """One tick of history: calls per outcome since the previous tick, per breaker."""
+        routes = self._registry.routes
+        for name, runtime in routes.items():
+            view = runtime.breaker.view()
+            calls = (view.calls_success, view.calls_failure, view.calls_rejected)
+            last = self._last_calls.get(name, calls)
+            # A reset (or a breaker rebuilt by a reload) starts its counts again from zero.
+            delta = tuple(now - before if now >= before else now for now, before in zip(calls, last))
+            self._last_calls[name] = calls
+            history = self._history.get(name)
+            if history is None:
+                history = self._history[name] = deque(maxlen=HISTORY_KEPT)
+            history.append(delta)  # type: ignore[arg-type]
+        for table in (self._history, self._last_calls, self._transitions):
+            for name in [name for name in table if name not in routes]:
+                del table[name]  # its route left the config
+
+    def extras(self, name: str) -> dict[str, Any]:
+        return {
+            "transitions": list(self._transitions.get(name, ())),
+            "history": [list(counts) for counts in self._history.get(name, ())],
+        }
+
+    def document(self) -> dict[str, Any]:
+        return status_document(self._registry, self.queues(), board=self)
+
+    def entries(self) -> list[dict[str, Any]]:
+        counts = self._metrics.fallback_counts()  # once per document, not per breaker
+        return [self.entry(runtime, counts) for runtime in self._registry.routes.values()]
+
+    def entry(self, runtime: RouteRuntime, fallback_counts: dict[str, int] | None = None) -> dict[str, Any]:
+        """The breaker's /status.json entry with what the page shows beyond the contract."""
+        if fallback_counts is None:
+            fallback_counts = self._metrics.fallback_counts()
+        entry = breaker_entry(runtime)
+        entry["fallbacks_served"] = fallback_counts.get(runtime.name, 0)
+        entry.update(self.extras(runtime.name))
+        return entry
+
+
+def breaker_entry(runtime: RouteRuntime) -> dict[str, Any]:
+    view = runtime.breaker.view()
+    route = runtime.route
+    policy = route.policy
+    return {
+        "name": runtime.name,
+        "service": route.service,
+        "route": route.name,
+        "state": view.state.value,
+        "failure_rate": view.failure_rate,
+        "slow_call_rate": view.slow_call_rate,
+        "calls": {"success": view.calls_success, "failure": view.calls_failure,
+                  "rejected": view.calls_rejected},
+        "slow_calls": view.slow_calls,
+        "opened_at": iso(view.opened_at_wall),
+        "retry_at": iso(view.retry_at_wall),
+        "retry_after": view.retry_after,
+        "window_calls": view.window.calls,
+        "consecutive_failures": view.consecutive_failures,
+        "in_flight": runtime.bulkhead.in_flight,
+        "upstream": runtime.upstream,
+        "fallback": route.fallback.type if route.fallback else None,
+        "thresholds": {
+            "failure_threshold": policy.failure_threshold,
+            "failure_rate_threshold": policy.failure_rate_threshold,
+            "slow_call_rate_threshold": policy.slow_call_rate_threshold,
+            "slow_call_duration_ms": policy.slow_call_duration_ms,
+            "minimum_calls": policy.minimum_calls,
+            "max_concurrent": policy.max_concurrent,
+        },
+    }
+
+
+def status_document(registry: Registry, queues: list[dict[str, Any]] | None = None, *,
+                    board: StatusBoard | None = None) -> dict[str, Any]:
+    registry.refresh()  # half_open once retry_at has passed, before anyone reads it (§3)
+    if board is None:
+        breakers = [breaker_entry(runtime) for runtime in registry.routes.values()]
+    else:
+        breakers = board.entries()
+    return {"breakers": breakers, "queues": queues or []}
+
+
+def status_json_handler(board: StatusBoard):
+    async def status_json(request: web.Request) -> web.Response:
+        return web.json_response(board.document(), headers={"Cache-Control": "no-store"})
+    return status_json
+
+
+# -- the page --------------------------------------------------------------------------------
+
+_INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.S)
+
+
+def _csp(html: str) -> str:
+    """A policy that runs exactly the page's own inline script and style, nothing else."""
+    hashes: dict[str, list[str]] = {"script": [], "style": []}
+    for kind, body in _INLINE.findall(html):
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        hashes[kind].append(f"'sha256-{digest}'")
+    return ("default-src 'none'; connect-src 'self'; img-src 'self' data:; "
+            f"script-src {' '.join(hashes['script'])}; style-src {' '.join(hashes['style'])}; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def status_page_handler():
+    """The page is read and its policy computed once, when the app is built."""
+    html = resources.files("proxy.ops").joinpath("status_page.html").read_text(encoding="utf-8")
+    body = html.encode()
+    headers = {"Content-Security-Policy": _csp(html), "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+    async def status_page(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/html", charset="utf-8", headers=headers)
+    return status_page

@@ -1,0 +1,1 @@
+"""What lives while the proxy runs: breakers by name (the registry), metrics, stored state."""

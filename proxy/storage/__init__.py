@@ -1,0 +1,1 @@
+"""The one database connection, its schemas and its batched writer."""
