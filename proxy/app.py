@@ -11,7 +11,7 @@ from aiohttp import ClientSession, DummyCookieJar, TCPConnector, web
 from proxy import observability
 from proxy.core.clock import Clock, SystemClock
 from proxy.config.model import Settings
-from proxy.fallbacks import FallbackDeps, build_fallback
+from proxy.fallbacks.base import FallbackDeps, build_fallback
 from proxy.fallbacks.log import FallbackLog
 from proxy.fallbacks.queue import QueueBook
 from proxy.forward import Proxy

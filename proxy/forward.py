@@ -28,7 +28,7 @@ from yarl import URL
 from proxy import responses
 from proxy.core.breaker import Permit, State
 from proxy.core.clock import Clock
-from proxy.fallbacks import FallbackContext
+from proxy.fallbacks.base import FallbackContext
 from proxy.core.headers import downstream_response_headers, upstream_request_headers
 from proxy.runtime.registry import Registry, RouteRuntime
 from proxy.core.routing import has_dot_segment, split_service

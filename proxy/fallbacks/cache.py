@@ -21,7 +21,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.config.model import Route
-from proxy.fallbacks import DETAIL_KEY, FallbackContext, FallbackDeps
+from proxy.fallbacks.base import DETAIL_KEY, FallbackContext, FallbackDeps
 from proxy.fallbacks.static import Canned, load_spec
 from proxy.core.headers import HOP_BY_HOP
 

@@ -13,7 +13,7 @@ import logging
 from aiohttp import web
 
 from proxy.core.clock import Clock
-from proxy.fallbacks import DETAIL_KEY
+from proxy.fallbacks.base import DETAIL_KEY
 from proxy.storage.sqlite import Storage, register_schema
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from aiohttp import hdrs, web
 from proxy.core.breaker import State, Transition
 from proxy.core.clock import Clock
 from proxy.config.model import Route
-from proxy.fallbacks import (
+from proxy.fallbacks.base import (
     DETAIL_KEY,
     FallbackContext,
     Recorder,

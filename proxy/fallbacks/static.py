@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 from proxy import responses
 from proxy.config.model import Route
 from proxy.config.fallback_options import resolve_fallback_file
-from proxy.fallbacks import (
+from proxy.fallbacks.base import (
     FallbackContext,
     FallbackDeps,
     Recorder,

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config.model import Route
-from proxy.fallbacks import (
+from proxy.fallbacks.base import (
     DETAIL_KEY,
     FallbackContext,
     FallbackDeps,

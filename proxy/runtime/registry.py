@@ -18,7 +18,7 @@ from proxy.core.breaker import Breaker, Permit, State, Transition
 from proxy.core.bulkhead import Bulkhead
 from proxy.core.clock import Clock
 from proxy.config.model import Route, Settings
-from proxy.fallbacks import Fallback
+from proxy.fallbacks.base import Fallback
 from proxy.runtime.metrics import BreakerMetrics, Metrics
 from proxy.core.routing import Router
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from proxy.core.clock import FakeClock
 from proxy.config.model import FallbackSpec, Match, Policy, Route
-from proxy.fallbacks import FallbackDeps
+from proxy.fallbacks.base import FallbackDeps
 from proxy.fallbacks.table import TableFallback
 
 OPTIONS = {"key": "destination.country", "weight_field": "weight_kg", "status": 200,
