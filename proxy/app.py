@@ -1,115 +1,108 @@
-"""Builds the aiohttp Application: AppKeys, cleanup contexts, reserved routes, the proxy route."""
+"""The only place that wires the parts together: one `App` per process (or per test).
+
+`App(settings)` builds the registry, metrics, storage, fallbacks and the control plane;
+`await app.start(host, port)` opens storage, puts stored breaker states back, starts the
+replay workers, the control plane's tasks and then the HTTP server; `await app.close()`
+drains the server (bounded) and stops everything in the reverse order, storage last.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import Callable
 
-from aiohttp import ClientSession, DummyCookieJar, TCPConnector, web
-
-from proxy import observability
-from proxy.core.clock import Clock, SystemClock
 from proxy.config.model import Settings
-from proxy.fallbacks.base import FallbackDeps, build_fallback
+from proxy.core.clock import Clock, SystemClock
+from proxy.fallbacks.build import FallbackDeps, build_fallback
 from proxy.fallbacks.log import FallbackLog
 from proxy.fallbacks.queue import QueueBook
-from proxy.forward import Proxy
+from proxy.http.client import UpstreamClient
+from proxy.http.server import Server, make_env
+from proxy.http.tls import client_contexts
+from proxy.ops.control import ControlPlane
 from proxy.runtime.metrics import Metrics
-from proxy.runtime.persistence import persistence_context
-from proxy.runtime.registry import Registry
+from proxy.runtime.persistence import Persistence
+from proxy.runtime.registry import Registry, ReloadResult, RouteRuntime
 from proxy.storage.sqlite import Storage
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
-REGISTRY = web.AppKey("registry", Registry)
-METRICS = web.AppKey("metrics", Metrics)
-PROXY = web.AppKey("proxy", Proxy)
-CLOCK = web.AppKey("clock", Clock)
-STORAGE = web.AppKey("storage", Storage)
-QUEUES = web.AppKey("queues", QueueBook)
 
-# Headers the client did not send are not added on its behalf.
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+class App:
+    def __init__(self, settings: Settings, *, clock: Clock | None = None,
+                 rng: random.Random | None = None, admin_token: str | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self.storage = Storage(settings.storage.path)
+        self.queues = QueueBook(self.storage, self.clock, self.metrics)
+        deps = FallbackDeps(clock=self.clock, fallback_dir=settings.fallback_dir, storage=self.storage,
+                            metrics=self.metrics, queues=self.queues)
+        self.registry = Registry(settings, self.clock, self.metrics,
+                                 lambda route, upstream: build_fallback(route, deps), rng=rng)
+        deps.registry = self.registry
+        self.queues.attach(self.registry)
+        self.fallback_log = FallbackLog(self.storage, self.clock)
+        self.persistence = Persistence(self.registry, self.storage, self.metrics)
+        self.control = ControlPlane(settings, self.registry, self.metrics, queues=self.queues.statuses,
+                                    admin_token=admin_token)
+        self.reloader = self.control.reloader
+        self.reloader.add_listener(self.persistence.on_reload)
+        self.reloader.add_listener(self._on_reload)
+        self._tls: dict[str, ssl.SSLContext] = {}
+        self._tls_by_service(settings)
+        self.server: Server | None = None
+        self._closed = False
 
+    def _tls_by_service(self, settings: Settings) -> None:
+        """One TLS context per https upstream, rebuilt when the config is (§1a)."""
+        contexts = client_contexts(settings.services)
+        self._tls = {service.upstream: contexts[service.name] for service in settings.services
+                     if service.name in contexts}
 
-def build_app(settings: Settings, *, clock: Clock | None = None,
-              rng: random.Random | None = None, admin_token: str | None = None) -> web.Application:
-    clock = clock or SystemClock()
-    server = settings.server
-    app = web.Application(client_max_size=server.max_body_bytes)
-    metrics = Metrics()
-    storage = Storage(settings.storage.path)
-    queues = QueueBook(storage, clock, metrics, session=lambda: proxy.session)
-    deps = FallbackDeps(clock=clock, fallback_dir=settings.fallback_dir, storage=storage,
-                        metrics=metrics, session=lambda: proxy.session, queues=queues)
-    registry = Registry(settings, clock, metrics, lambda route, upstream: build_fallback(route, deps),
-                        rng=rng)
-    deps.registry = registry
-    queues.attach(registry)
-    proxy = Proxy(registry, clock, max_body_bytes=server.max_body_bytes,
-                  max_header_bytes=server.max_header_bytes)
-    proxy.fallback_log = FallbackLog(storage, clock)
-    app[SETTINGS] = settings
-    app[CLOCK] = clock
-    app[METRICS] = metrics
-    app[REGISTRY] = registry
-    app[PROXY] = proxy
-    app[STORAGE] = storage
-    app[QUEUES] = queues
-    # Storage opens first and closes last: everything else may write to it.
-    app.cleanup_ctx.append(_storage)
-    # Stored breaker states are back before anything is served or replayed (§6).
-    app.cleanup_ctx.append(persistence_context(registry, storage, metrics))
-    app.cleanup_ctx.append(_client_session)
-    app.cleanup_ctx.append(_queue_workers)  # replays need the session
+    def _on_reload(self, settings: Settings, result: ReloadResult) -> None:
+        self.settings = settings
+        self._tls_by_service(settings)
 
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/metrics", _metrics_handler(registry, metrics))
-    # /status, /status.json, /status/events, /admin/…; before the catch-alls below.
-    observability.install(app, settings, registry, metrics, queues=queues.statuses,
-                          admin_token=admin_token)
-    app.router.add_route("*", "/status/{tail:.*}", _not_found)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
-    return app
+    def tls_for(self, runtime: RouteRuntime) -> ssl.SSLContext | None:
+        return self._tls.get(runtime.upstream)
 
+    def url(self, path: str = "/") -> str:
+        assert self.server is not None
+        return self.server.url(path)
 
-async def _client_session(app: web.Application) -> AsyncIterator[None]:
-    """One pooled keep-alive session for every upstream, for the life of the app."""
-    connector = TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30,
-                             enable_cleanup_closed=False)
-    session = ClientSession(connector=connector, auto_decompress=False, cookie_jar=DummyCookieJar(),
-                            skip_auto_headers=_SKIP_AUTO_HEADERS, max_field_size=65536,
-                            max_line_size=65536)
-    app[PROXY].session = session
-    yield
-    await session.close()
+    async def start(self, host: str, port: int, *, before_listen: Callable[[], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        # Storage opens first and closes last: everything else may write to it.
+        await self.storage.open()
+        # Stored breaker states are back before anything is served or replayed (§6).
+        await self.persistence.start()
+        env = make_env(loop, self.clock, fallback_log=self.fallback_log, tls_for=self.tls_for)
+        self.queues.client = UpstreamClient(env.pool, env.deadlines, tls_for=lambda url: self._tls.get(url))
+        await self.queues.start()
+        await self.control.start()
+        self.server = Server(self.settings.server, self.registry, self.control, env)
+        if before_listen is not None:
+            before_listen()
+        await self.server.listen(host, port)
 
-
-async def _storage(app: web.Application) -> AsyncIterator[None]:
-    await app[STORAGE].open()
-    yield
-    await app[STORAGE].close()  # writes what is still buffered
-
-
-async def _queue_workers(app: web.Application) -> AsyncIterator[None]:
-    await app[QUEUES].start()
-    yield
-    await app[QUEUES].stop()
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def _not_found(request: web.Request) -> web.Response:
-    return web.json_response({"error": "not_found", "path": request.path}, status=404)
-
-
-def _metrics_handler(registry: Registry, metrics: Metrics):
-    async def handler(request: web.Request) -> web.Response:
-        registry.refresh()  # /metrics reports half_open once retry_at has passed (§3)
-        return web.Response(body=metrics.render(), headers={
-            "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-    return handler
+    async def close(self) -> None:
+        """Drain, then stop in the reverse order of `start` (a second call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        server = self.server
+        # An open status page must not hold up the drain.
+        self.control.close_streams()
+        if server is not None:
+            await server.shutdown()
+        await self.control.stop()
+        await self.queues.stop()
+        await self.persistence.stop()
+        if server is not None:
+            server.env.deadlines.close()
+            server.env.pool.close()
+        await self.storage.close()  # writes what is still buffered

@@ -10,13 +10,9 @@ import sys
 from dataclasses import replace
 from collections.abc import Awaitable, Callable
 
-from proxy.app import build_app
-from proxy.config.model import Settings
 from proxy.config.load import ConfigError, load_settings
-from proxy.fastserver import FastServer, start_server
+from proxy.config.model import Settings
 from proxy.ops.logs import setup_logging
-from proxy.observability import RELOADER
-from proxy.ops.reload import reload_on_sighup
 
 log = logging.getLogger("proxy")
 
@@ -57,18 +53,24 @@ async def serve(settings: Settings, host: str, port: int,
     """Serve until SIGINT/SIGTERM, then drain in-flight requests (bounded) and free the port.
 
     `adjust` is what the caller did to the file's settings; a reload does it again."""
-    app = build_app(settings)
-    app[RELOADER].adjust = adjust
-    server: FastServer | None = None
+    # Imported here: `check` must load the config and nothing else (no aiohttp, no SQLite).
+    from proxy.app import App  # noqa: PLC0415
+    from proxy.http.tls import TlsError  # noqa: PLC0415
+    from proxy.ops.reload import reload_on_sighup  # noqa: PLC0415
+
+    try:
+        app = App(settings)
+    except TlsError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    app.reloader.adjust = adjust
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    stop_reloading = reload_on_sighup(app[RELOADER])
+    stop_reloading = reload_on_sighup(app.reloader)
     try:
-        # Service requests are forwarded by the fast server itself; the reserved paths go to
-        # the app (proxy/fastserver.py). Closing it drains both.
-        server = await start_server(app, settings.server, host, port)
+        await app.start(host, port)
         log.info("listening on http://%s:%d (%d breakers)", host, port, len(settings.routes()))
         if before is not None:
             await before()
@@ -80,8 +82,7 @@ async def serve(settings: Settings, host: str, port: int,
         # A second signal while draining must not kill the drain half-way.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, log.info, "already shutting down")
-        if server is not None:
-            await server.close()
+        await app.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     log.info("stopped")

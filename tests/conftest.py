@@ -14,14 +14,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from fake_upstreams import FakeUpstreams
-from proxy.app import build_app
-from proxy.core.clock import Clock
-from proxy.config.model import Settings
+from proxy.app import App
 from proxy.config.load import load_settings
-from proxy.fastserver import FastServer, start_server
+from proxy.config.model import Settings
+from proxy.core.clock import Clock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,13 +90,20 @@ def write_config(config_dir: Path, fakes: FakeUpstreams) -> Callable[..., Path]:
 
 @dataclass
 class RunningProxy:
-    server: FastServer
-    app: web.Application
+    app: App
     settings: Settings
     session: aiohttp.ClientSession
 
+    @property
+    def server(self):  # noqa: ANN201  (the running HTTP server: port, connections)
+        return self.app.server
+
     def url(self, path: str) -> str:
-        return str(self.server.make_url(path))
+        return self.app.url(path)
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.app.close()
 
 
 @pytest.fixture
@@ -109,15 +114,14 @@ async def start_proxy(write_config: Callable[..., Path]) -> AsyncIterator[Callab
                     **extra: str) -> RunningProxy:
         path = write_config(text, **extra)
         settings = load_settings(path, environ or {})
-        app = build_app(settings, clock=clock)
-        # The server `circuit-proxy run` uses: its fast path, with the app behind it.
-        server = await start_server(app, settings.server, "127.0.0.1", 0)
+        app = App(settings, clock=clock)
+        # What `circuit-proxy run` starts, on a free port.
+        await app.start("127.0.0.1", 0)
         session = aiohttp.ClientSession(auto_decompress=False)
-        running = RunningProxy(server, app, settings, session)
+        running = RunningProxy(app, settings, session)
         started.append(running)
         return running
 
     yield start
     for running in reversed(started):
-        await running.session.close()
-        await running.server.close()
+        await running.close()

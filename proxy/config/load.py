@@ -29,13 +29,16 @@ from proxy.config.model import (
     Service,
     Settings,
     StorageSettings,
+    TlsSettings,
     Webhook,
     WindowSpec,
 )
-from proxy.config.nodes import MISSING, Ctx, join, mapping, scalar, section_values, unknown_keys
+from proxy.config.nodes import (
+    MISSING, Ctx, is_null, join, mapping, scalar, section_values, unknown_keys,
+)
 from proxy.config.values import (
-    POLICY_VALUES, Invalid, boolean, choice, events, http_url, integer, methods, number,
-    path_prefix, regex, text,
+    POLICY_VALUES, Invalid, boolean, choice, events, file_name, http_url, integer, methods,
+    number, path_prefix, regex, text,
 )
 from proxy.config.fallback_options import FALLBACK_TYPES, validate_fallback_options
 
@@ -171,7 +174,9 @@ _STORAGE_SCHEMA: dict[str, Callable[[Any], Any]] = {
 }
 _ADMIN_SCHEMA: dict[str, Callable[[Any], Any]] = {"token_env": text}
 _TOP_KEYS = ("server", "storage", "admin", "alerts", "defaults", "services")
-_SERVICE_KEYS = ("upstream", "routes", *POLICY_KEYS)
+_SERVICE_KEYS = ("upstream", "tls", "routes", *POLICY_KEYS)
+_TLS_FILES = ("ca_file", "client_cert", "client_key")
+_TLS_SCHEMA: dict[str, Callable[[Any], Any]] = {**dict.fromkeys(_TLS_FILES, file_name), "verify": boolean}
 _ROUTE_KEYS = ("match", "fallback", *POLICY_KEYS)
 
 
@@ -262,6 +267,34 @@ def _fallback(ctx: Ctx, node: yaml.Node, path: str, fallback_dir: Path | None) -
     return FallbackSpec(type=kind, on_failure=on_failure, options=options)
 
 
+def _tls(ctx: Ctx, node: yaml.Node, path: str, config_dir: Path) -> TlsSettings | object:
+    """A service's `tls` mapping (§1a). Files must exist but are not read: `check` stays
+    free of `ssl`, and a bad PEM is reported by `http/tls.py` when the proxy starts."""
+    before = len(ctx.problems)
+    values = section_values(ctx, node, path, _TLS_SCHEMA)
+    entries = mapping(ctx, node, path) or {}  # again, for the lines of file problems
+    for key in _TLS_FILES:
+        if values.get(key) is None:  # not written, or null: the default
+            values.pop(key, None)
+            continue
+        # Relative to the config file, not the working directory, so `check` and `run`
+        # started from anywhere find the same file.
+        values[key] = file = config_dir / values[key]
+        problem = _file_problem(file)
+        if problem:
+            ctx.report(entries[key][1], join(path, key), f"{problem}: {file}")
+    if "client_key" in values and "client_cert" not in values:
+        ctx.report(entries["client_key"][0], join(path, "client_key"), "needs client_cert")
+    return MISSING if len(ctx.problems) > before else TlsSettings(**values)
+
+
+def _file_problem(file: Path) -> str | None:
+    try:
+        return None if file.is_file() else "not a file" if file.exists() else "no such file"
+    except OSError as exc:  # e.g. a folder on the way that we may not enter
+        return f"cannot check ({exc.strerror})"
+
+
 def _routes(ctx: Ctx, service: str, node: yaml.Node | None, path: str, policy_layers: list[_Layer],
             fallback_dir: Path | None) -> tuple[Route, ...]:
     entries = mapping(ctx, node, path) if node is not None else {}
@@ -298,7 +331,7 @@ def _routes(ctx: Ctx, service: str, node: yaml.Node | None, path: str, policy_la
 
 
 def _services(ctx: Ctx, node: yaml.Node | None, base_layers: list[_Layer],
-              fallback_dir: Path | None) -> tuple[Service, ...]:
+              fallback_dir: Path | None, config_dir: Path) -> tuple[Service, ...]:
     if node is None:
         return ()
     entries = mapping(ctx, node, "services")
@@ -319,11 +352,18 @@ def _services(ctx: Ctx, node: yaml.Node | None, base_layers: list[_Layer],
             ctx.report(service_node, f"{path}.upstream", "required")
             continue
         upstream = scalar(ctx, service_entries["upstream"][1], f"{path}.upstream", http_url)
+        tls = None
+        tls_key, tls_node = service_entries.get("tls", (None, None))
+        if tls_node is not None and not is_null(tls_node):  # `tls: null` is as if not written
+            tls = _tls(ctx, tls_node, f"{path}.tls", config_dir)
+            if upstream is not MISSING and not upstream.lower().startswith("https://"):
+                # Settings that cannot apply are a mistake, not something to ignore (§1a).
+                ctx.report(tls_key, f"{path}.tls", f"tls needs an https upstream, got {upstream!r}")
         layers = [*base_layers, _policy_layer(ctx, service_entries, path)]
         routes_node = service_entries.get("routes", (None, None))[1]
         routes = _routes(ctx, name, routes_node, f"{path}.routes", layers, fallback_dir)
-        if upstream is not MISSING:
-            services.append(Service(name=name, upstream=upstream, routes=routes))
+        if upstream is not MISSING and tls is not MISSING:
+            services.append(Service(name=name, upstream=upstream, routes=routes, tls=tls))
     return tuple(services)
 
 
@@ -373,7 +413,8 @@ def parse_settings(text: str, *, source: str, environ: Mapping[str, str] | None 
     # Precedence (§1a): route > service > environment > defaults > built-in.
     base_layers = [defaults_layer, _env_layer(ctx, environ)]
     _effective_policy(ctx, base_layers)
-    services = _services(ctx, section("services"), base_layers, fallback_dir)
+    config_dir = config_path.resolve().parent if config_path else Path.cwd()
+    services = _services(ctx, section("services"), base_layers, fallback_dir, config_dir)
     if not entries.get("services") and not ctx.problems:
         ctx.report(root, "services", "required: at least one service")
     if ctx.problems:

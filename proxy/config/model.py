@@ -71,10 +71,26 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TlsSettings:
+    """A service's `tls` keys (§1a), for an https upstream.
+
+    Paths are absolute: the loader resolves relative ones against the config file's folder
+    and has checked that each file exists; their contents are read only by `http/tls.py`.
+    """
+
+    ca_file: Path | None = None  # None: the system's CA store; else only this bundle is trusted
+    client_cert: Path | None = None  # PEM chain for mutual TLS; may also hold the key
+    client_key: Path | None = None  # only with client_cert
+    verify: bool = True  # False: neither the chain nor the host name is checked
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Service:
     name: str
     upstream: str  # scheme://host:port[/base-path], no trailing slash
     routes: tuple[Route, ...]
+    tls: TlsSettings | None = None  # None when `tls` is not written (an https upstream then
+                                    # uses the system CAs with verification on, §1a)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -33,7 +33,7 @@ class Ctx:
 
 def mapping(ctx: Ctx, node: yaml.Node, path: str) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
     """The mapping's entries by key, reporting non-mappings, odd keys and duplicates."""
-    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+    if is_null(node):
         return {}
     if not isinstance(node, yaml.MappingNode):
         ctx.report(node, path, "must be a mapping")
@@ -51,6 +51,10 @@ def mapping(ctx: Ctx, node: yaml.Node, path: str) -> dict[str, tuple[yaml.Node, 
             ctx.report(key_node, join(path, key), "duplicate key")
         entries[key] = (key_node, value_node)
     return entries
+
+
+def is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
 def join(path: str, key: str) -> str:

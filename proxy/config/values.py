@@ -51,6 +51,11 @@ def text(value: Any) -> str:
     return value
 
 
+def file_name(value: Any) -> str | None:
+    """A file's name as written, or None (YAML `null`: the key's default)."""
+    return None if value is None else text(value)
+
+
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise Invalid(f"not a boolean: {value!r}")

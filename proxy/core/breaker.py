@@ -19,11 +19,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.core.clock import Clock
-from proxy.config.model import Policy
 from proxy.core.window import CountWindow, TimeWindow, WindowCounts, make_window
+
+if TYPE_CHECKING:
+    from proxy.config.model import Policy
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,8 @@ class Reason(StrEnum):
 
 # The call was let through: its body went (or was going) upstream.
 LET_THROUGH = frozenset({Reason.UNREACHABLE, Reason.TIMEOUT})
+# The breaker refused a permit: 503 circuit_open without a fallback.
+BREAKER_REJECTIONS = frozenset({Reason.OPEN, Reason.FORCED_OPEN, Reason.HALF_OPEN_FULL})
 _REJECTED_BY_STATE = {"open": Reason.OPEN, "forced_open": Reason.FORCED_OPEN}
 
 

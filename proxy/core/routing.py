@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 from urllib.parse import unquote
 
-from proxy.config.model import Route, Service
+if TYPE_CHECKING:
+    from proxy.config.model import Route, Service
+
 
 T = TypeVar("T")
 

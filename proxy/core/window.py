@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from proxy.config.model import WindowSpec
+if TYPE_CHECKING:
+    from proxy.config.model import WindowSpec
+
 
 
 @dataclass(frozen=True, slots=True)

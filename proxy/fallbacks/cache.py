@@ -15,15 +15,18 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.config.model import Route
-from proxy.fallbacks.base import DETAIL_KEY, FallbackContext, FallbackDeps
-from proxy.fallbacks.static import Canned, load_spec
 from proxy.core.headers import HOP_BY_HOP
+from proxy.core.messages import Answer, Request
+from proxy.fallbacks.base import FallbackContext
+from proxy.fallbacks.static import Canned, load_spec
+
+if TYPE_CHECKING:
+    from proxy.fallbacks.build import FallbackDeps
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class _Recording:
 
     __slots__ = ("_chunks", "_fallback", "_headers", "_key", "_size", "_status")
 
-    def __init__(self, fallback: CacheFallback, key: str, status: int, headers: Any) -> None:
+    def __init__(self, fallback: CacheFallback, key: str, status: int, headers: CIMultiDict[str]) -> None:
         self._fallback = fallback
         self._key = key
         self._status = status
@@ -141,18 +144,19 @@ class CacheFallback:
 
     # -- learning (successful calls) -----------------------------------------------------------
 
-    def recorder(self, request: web.Request, status: int, headers: Any) -> _Recording | None:
+    def recorder(self, request: Request, status: int, headers: CIMultiDict[str]) -> _Recording | None:
         if request.method != "GET":
             return None  # only safe, repeatable requests are answered from memory
-        cache_control = headers.get(hdrs.CACHE_CONTROL, "").lower()
+        cache_control = headers.get("Cache-Control", "").lower()
         if "no-store" in cache_control or "private" in cache_control:
             return None
-        length = headers.get(hdrs.CONTENT_LENGTH)
+        length = headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return None
-        return _Recording(self, request.raw_path, status, headers)
+        # Keyed by the target as sent (path and query, percent-encoding kept).
+        return _Recording(self, request.target, status, headers)
 
-    def remember(self, key: str, status: int, headers: Any, body: bytes) -> None:
+    def remember(self, key: str, status: int, headers: CIMultiDict[str], body: bytes) -> None:
         dropped = _NOT_KEPT
         if self.scale:
             scaled = self._scaled(headers, body)
@@ -166,12 +170,12 @@ class CacheFallback:
         self.cache.put(key, Entry(status, kept, body, self._clock.monotonic()))
 
     @staticmethod
-    def _is_json(headers: Any) -> bool:
-        content_type = headers.get(hdrs.CONTENT_TYPE, "").split(";")[0].strip().lower()
+    def _is_json(headers: CIMultiDict[str]) -> bool:
+        content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
         return content_type == "application/json" or content_type.endswith("+json")
 
-    def _scaled(self, headers: Any, body: bytes) -> bytes | None:
-        if headers.get(hdrs.CONTENT_ENCODING, "identity").lower() != "identity" or not self._is_json(headers):
+    def _scaled(self, headers: CIMultiDict[str], body: bytes) -> bytes | None:
+        if headers.get("Content-Encoding", "identity").lower() != "identity" or not self._is_json(headers):
             return None
         try:
             document = json.loads(body)
@@ -181,20 +185,20 @@ class CacheFallback:
 
     # -- serving (breaker open, or the call failed) --------------------------------------------
 
-    async def serve(self, request: web.Request, ctx: FallbackContext) -> web.Response | None:
-        key = request.raw_path
+    async def serve(self, request: Request, ctx: FallbackContext) -> Answer | None:
+        key = request.target
         entry = self.cache.get(key) if request.method == "GET" else None
         if entry is not None:
             age = self._clock.monotonic() - entry.stored_at
             if age <= self.max_age_s:
                 headers = CIMultiDict(entry.headers)
                 age_s = str(max(0, int(age)))
-                headers[hdrs.AGE] = age_s
+                headers["Age"] = age_s
                 headers[_ESTIMATED[0]] = _ESTIMATED[1]
-                request[DETAIL_KEY] = f"age_s={age_s}"
-                return web.Response(status=entry.status, body=entry.body, headers=headers)
+                request.detail = f"age_s={age_s}"
+                return Answer(entry.status, entry.body, headers)
             self.cache.discard(key)  # too old to stand for the upstream's answer
         if self.default is not None:
-            request[DETAIL_KEY] = "default_file"
+            request.detail = "default_file"
             return await self.default.render(request, ctx, (_ESTIMATED,))
         return None

@@ -2,18 +2,17 @@
 
 A row is a summary without secrets: time, breaker, fallback type, method, the path without
 its query string (queries carry tokens), the outcome (status, reason) and a short detail the
-fallback chose (a queue id, a cache age). Never headers, never bodies. Rows go through
-`Storage.record`: batched by the background writer, dropped and counted if it falls behind.
+fallback chose (`request.detail`: a queue id, a cache age). Never headers, never bodies.
+Rows go through `Storage.record`: batched by the background writer, dropped and counted if it
+falls behind; the request path never waits for the disk here.
 """
 
 from __future__ import annotations
 
 import logging
 
-from aiohttp import web
-
 from proxy.core.clock import Clock
-from proxy.fallbacks.base import DETAIL_KEY
+from proxy.core.messages import Request
 from proxy.storage.sqlite import Storage, register_schema
 
 log = logging.getLogger(__name__)
@@ -51,10 +50,8 @@ class FallbackLog:
         self._storage = storage
         self._clock = clock
 
-    def __call__(self, breaker: str, fallback: str, request: web.Request, status: int,
+    def __call__(self, breaker: str, fallback_type: str, request: Request, status: int,
                  reason: str) -> None:
-        raw = request.raw_path
-        query_at = raw.find("?")
-        path = raw if query_at < 0 else raw[:query_at]
-        self._storage.record(INSERT, (self._clock.wall(), breaker, fallback, request.method,
-                                      path[:MAX_PATH], status, reason, request.get(DETAIL_KEY)))
+        """`reason` is a `proxy.core.outcome.Reason` (or its text); stored as plain text."""
+        self._storage.record(INSERT, (self._clock.wall(), breaker, fallback_type, request.method,
+                                      request.path[:MAX_PATH], status, str(reason), request.detail))

@@ -14,7 +14,8 @@ lookup runs in the same writer transaction as the insert, so concurrent retries 
 
 One `QueueBook` per app holds every queue (named after its breaker): its counters (depth,
 dead letters, exposure) live in memory so /status.json never reads SQLite. Never a 202 before
-the commit; never a replay of a maybe-delivered request that has no Idempotency-Key.
+the commit; never a replay of a maybe-delivered request that has no Idempotency-Key. This
+module never imports `replay` (which imports it): `build` hands each queue its worker factory.
 """
 
 from __future__ import annotations
@@ -28,30 +29,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from aiohttp import hdrs, web
+from multidict import CIMultiDict
 
+from proxy.config.model import Route
 from proxy.core.breaker import State, Transition
 from proxy.core.clock import Clock
-from proxy.config.model import Route
+from proxy.core.headers import upstream_request_headers
+from proxy.core.messages import Answer, Request
 from proxy.fallbacks.base import (
-    DETAIL_KEY,
     FallbackContext,
     Recorder,
+    UpstreamClient,
     dig,
     json_or_none,
     request_body,
     service_target,
 )
-from proxy.core.headers import upstream_request_headers
-from proxy.responses import json_response
+from proxy.fallbacks.log import EXPIRE as EXPIRE_LOGS
 from proxy.storage.sqlite import Storage, StorageError, register_schema
 
 if TYPE_CHECKING:
-    from aiohttp import ClientSession
-
-    from proxy.fallbacks.replay import ReplayWorker
     from proxy.runtime.metrics import Metrics
     from proxy.runtime.registry import Registry
 
@@ -150,18 +149,30 @@ class QueueOptions:
         return min(self.retry_max_s, self.retry_base_s * 2 ** min(attempts - 1, 60))
 
 
+class Worker(Protocol):
+    """Delivers one queue's pending requests (`replay.ReplayWorker`)."""
+
+    def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+WorkerFactory = Callable[["QueueBook", "QueueState"], Worker]
+
+
 class QueueState:
     """One queue's counters, options, wake-up event and metric children (bound once)."""
 
-    def __init__(self, name: str, options: QueueOptions, metrics: Metrics | None) -> None:
+    def __init__(self, name: str, options: QueueOptions, metrics: Metrics | None,
+                 make_worker: WorkerFactory) -> None:
         self.name = name
         self.options = options
+        self.make_worker = make_worker
         self.depth = 0  # pending, counting acceptances being committed
         self.dead = 0
         self.exposure = Decimal(0)  # sum of pending amounts
         self.ready = asyncio.Event()  # counters loaded from the database
         self.wake = asyncio.Event()  # something to deliver, or the breaker let calls through
-        self.worker: ReplayWorker | None = None
+        self.worker: Worker | None = None
         self.depth_gauge = metrics.queue_depth.labels(name) if metrics else None
         self.dead_gauge = metrics.queue_dead_letters.labels(name) if metrics else None
         self.replayed = {result: metrics.queue_replayed.labels(name, result.value)
@@ -177,14 +188,18 @@ class QueueState:
 
 
 class QueueBook:
-    """Every queue of the app, their acceptance and their replay workers."""
+    """Every queue of the app, their acceptance and their replay workers.
+
+    `client` may be set after construction (the app's pooled client exists once it started);
+    until then a replay attempt is put back, not counted, and retried after a backoff.
+    """
 
     def __init__(self, storage: Storage, clock: Clock, metrics: Metrics | None = None, *,
-                 session: Callable[[], ClientSession | None] = lambda: None, poll_s: float = 0.5) -> None:
+                 client: UpstreamClient | None = None, poll_s: float = 0.5) -> None:
         self.storage = storage
         self.clock = clock
         self.metrics = metrics
-        self.session = session
+        self.client = client
         self.poll_s = poll_s
         self.registry: Registry | None = None
         self.next_id = 1
@@ -195,13 +210,16 @@ class QueueBook:
 
     # -- building (at load and reload) ---------------------------------------------------------
 
-    def fallback(self, route: Route) -> QueueFallback:
+    def fallback(self, route: Route, worker_factory: WorkerFactory) -> QueueFallback:
+        """The route's queue (kept across reloads: same name, same queue); once the book runs,
+        `worker_factory(book, state)` makes the worker that delivers it (`replay.ReplayWorker`)."""
         spec = route.fallback
         assert spec is not None
         options = QueueOptions.from_options(spec.options)
         state = self._queues.get(route.breaker_name)
         if state is None:
-            state = self._queues[route.breaker_name] = QueueState(route.breaker_name, options, self.metrics)
+            state = self._queues[route.breaker_name] = QueueState(
+                route.breaker_name, options, self.metrics, worker_factory)
             if self._running:
                 task = asyncio.get_running_loop().create_task(self._start_queue(state))
                 self._starting.add(task)
@@ -232,7 +250,6 @@ class QueueBook:
     async def _expire(self) -> None:
         """Delivered requests and fallback_logs older than `storage.retention_hours` go, now and
         then; dead letters stay until someone deals with them."""
-        from proxy.fallbacks.log import EXPIRE as EXPIRE_LOGS
         while True:
             if self.registry is not None:
                 cutoff = self.clock.wall() - self.registry.settings.storage.retention_hours * 3600
@@ -241,7 +258,6 @@ class QueueBook:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
 
     async def _start_queue(self, state: QueueState) -> None:
-        from proxy.fallbacks.replay import ReplayWorker
         counts = dict(await self.storage.fetchall(
             "SELECT state, count(*) FROM queue_items WHERE queue = ? GROUP BY state", (state.name,)))
         amounts = await self.storage.fetchall(
@@ -254,7 +270,7 @@ class QueueBook:
         state.ready.set()
         if state.depth:
             log.info("queue %s: %d pending from before, replaying", state.name, state.depth)
-        state.worker = ReplayWorker(self, state)
+        state.worker = state.make_worker(self, state)
         state.worker.start()
 
     async def stop(self) -> None:
@@ -291,8 +307,7 @@ class QueueBook:
 
     # -- acceptance (the request path) ---------------------------------------------------------
 
-    async def accept(self, state: QueueState, request: web.Request,
-                     ctx: FallbackContext) -> web.Response | None:
+    async def accept(self, state: QueueState, request: Request, ctx: FallbackContext) -> Answer | None:
         options = state.options
         client_key = request.headers.get(IDEMPOTENCY_KEY, "").strip() or None
         if ctx.maybe_delivered and client_key is None:
@@ -317,8 +332,8 @@ class QueueBook:
         key = client_key or f"cp-{uuid.uuid4()}"
         _, target = service_target(request)
         headers = [[name, value] for name, value in upstream_request_headers(
-            request.headers.items(), request.headers.getall(hdrs.CONNECTION, ()),
-            client_ip=request.remote, proto=request.scheme, host=request.host)
+            request.headers.items(), request.headers.getall("Connection", []),
+            client_ip=request.client_ip, proto=request.scheme, host=request.host)
             if name.lower() not in _NOT_STORED]
         if client_key is None:
             headers.append([IDEMPOTENCY_KEY, key])
@@ -366,18 +381,18 @@ class QueueBook:
         headers_out = {"X-Queue-Id": str(item_id), IDEMPOTENCY_KEY: key}
         if replayed:
             headers_out[REPLAYED] = "true"
-            request[DETAIL_KEY] = f"queue_id={item_id} replayed"
+            request.detail = f"queue_id={item_id} replayed"
         else:
             state.show_counts()
             state.wake.set()
-            request[DETAIL_KEY] = f"queue_id={item_id}"
-        return json_response(202, {"status": "queued", "queue": state.name, "queue_id": item_id,
-                                   "idempotency_key": key}, headers_out)
+            request.detail = f"queue_id={item_id}"
+        return Answer.json(202, {"status": "queued", "queue": state.name, "queue_id": item_id,
+                                 "idempotency_key": key}, headers_out)
 
     @staticmethod
-    def _refused(state: QueueState, request: web.Request, refusal: Refused) -> web.Response:
-        request[DETAIL_KEY] = f"{refusal.error}: {refusal.detail}"
-        return json_response(503, {"error": refusal.error, "breaker": state.name, "detail": refusal.detail})
+    def _refused(state: QueueState, request: Request, refusal: Refused) -> Answer:
+        request.detail = f"{refusal.error}: {refusal.detail}"
+        return Answer.json(503, {"error": refusal.error, "breaker": state.name, "detail": refusal.detail})
 
 
 class QueueFallback:
@@ -392,8 +407,8 @@ class QueueFallback:
         # So a call that fails after sending can still be stored (§4, `on_failure`).
         self.buffer_request_bytes = state.options.max_body_bytes
 
-    async def serve(self, request: web.Request, ctx: FallbackContext) -> web.Response | None:
+    async def serve(self, request: Request, ctx: FallbackContext) -> Answer | None:
         return await self.book.accept(self.state, request, ctx)
 
-    def recorder(self, request: web.Request, status: int, headers: Any) -> Recorder | None:
+    def recorder(self, request: Request, status: int, headers: CIMultiDict[str]) -> Recorder | None:
         return None

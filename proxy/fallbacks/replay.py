@@ -15,7 +15,8 @@ Every replay carries the Idempotency-Key given at acceptance, so a request deliv
 before a crash and delivered again after the restart is done once by the upstream. Marks
 (delivered, dead letter) are committed in groups of up to MARK_GROUP, so after kill -9 at
 most that many are sent again; this module never drops a pending request and never sends one
-without its key.
+without its key. It reaches the upstream only through the book's `UpstreamClient` (the app's
+pooled connections), never a client of its own.
 """
 
 from __future__ import annotations
@@ -26,16 +27,9 @@ import logging
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import (
-    ClientConnectorError,
-    ClientError,
-    ClientTimeout,
-    ConnectionTimeoutError,
-)
-from yarl import URL
-
 from proxy.background import stop_task
 from proxy.core.breaker import Permit, State
+from proxy.core.outcome import is_failure
 from proxy.fallbacks.queue import ItemState, QueueBook, QueueState
 from proxy.storage.sqlite import StorageError
 
@@ -54,6 +48,8 @@ _WAITING = (State.OPEN, State.FORCED_OPEN)
 
 
 class ReplayWorker:
+    """One queue's delivery loop; `QueueBook` starts and stops it (a `queue.Worker`)."""
+
     def __init__(self, book: QueueBook, state: QueueState) -> None:
         self.book = book
         self.state = state
@@ -106,7 +102,7 @@ class ReplayWorker:
 
     async def _replay(self, row: tuple[Any, ...]) -> None:
         item_id, method, target, headers_json, body, amount, attempts = row
-        headers = [tuple(pair) for pair in json.loads(headers_json)]
+        headers = [(name, value) for name, value in json.loads(headers_json)]
         amount = Decimal(amount) if amount is not None else Decimal(0)
         failures = 0
         while True:
@@ -154,33 +150,32 @@ class ReplayWorker:
             return runtime, permit
 
     async def _send(self, runtime: RouteRuntime, permit: Permit, method: str, target: str,
-                    headers: list[Any], body: bytes) -> tuple[ItemState | None, str | None, bool]:
+                    headers: list[tuple[str, str]], body: bytes
+                    ) -> tuple[ItemState | None, str | None, bool]:
         """(delivered | dead_letter | None for retry, error text, did the upstream get it)."""
-        session = self.book.session()
+        client = self.book.client
         breaker = runtime.breaker
-        if session is None:
+        if client is None:
             breaker.release(permit)
-            return None, "no client session", False
-        policy = runtime.route.policy
+            return None, "no upstream client", False
         total = self.state.options.replay_timeout_s or runtime.timeout_s
-        timeout = ClientTimeout(total=total, connect=policy.connect_timeout_ms / 1000)
         try:
-            async with session.request(method, URL(runtime.upstream + target, encoded=True),
-                                       headers=headers, data=body, timeout=timeout,
-                                       allow_redirects=False) as response:
-                answer = await response.read()
-                status = response.status
-        except asyncio.CancelledError:
+            reply = await client.call(runtime.upstream, method, target, headers, body,
+                                      timeout_s=total, connect_timeout_s=runtime.connect_timeout_s)
+        except BaseException:
+            # Cancelled (stop, reload) or a bug in the client: the permit goes back unrecorded,
+            # so a half-open trial slot is never lost; the exception goes on.
             breaker.release(permit)
             raise
-        except (TimeoutError, ClientError) as exc:
+        status = reply.status
+        if status is None:
+            # No response. Refused (never sent) says nothing about the request: `sent` is False.
             runtime.record(permit, failed=True)
-            never_sent = isinstance(exc, (ClientConnectorError, ConnectionTimeoutError))
-            return None, f"{type(exc).__name__}: {exc}"[:300], not never_sent
-        runtime.record(permit, failed=status in runtime.failure_statuses)
+            return None, f"{reply.reason or 'no response'}: {reply.detail}"[:300], reply.sent
+        runtime.record(permit, failed=is_failure(status, runtime.failure_statuses))
         if 200 <= status < 300:
             return ItemState.DELIVERED, None, True
-        error = f"HTTP {status}: {answer[:200].decode(errors='replace')}"
+        error = f"HTTP {status}: {reply.body[:200].decode(errors='replace')}"
         if 400 <= status < 500:
             return ItemState.DEAD_LETTER, error, True  # the request itself is wrong: retrying cannot help
         return None, error, True

@@ -2,28 +2,31 @@
 
 The file is read and its placeholders compiled when the route is built (see `template`); a
 request only joins parts. Must never read files or forward anything on the request path.
+`Canned` is shared with the cache fallback (its `default_file`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import responses
-from proxy.config.model import Route
 from proxy.config.fallback_options import resolve_fallback_file
+from proxy.config.model import Route
+from proxy.core.messages import Answer, Request
+from proxy.core.outcome import retry_after_header
+from proxy.core.template import ResponseSpec, TemplateError, load_response_file
 from proxy.fallbacks.base import (
     FallbackContext,
-    FallbackDeps,
     Recorder,
     json_or_none,
     render_context,
     request_body,
 )
-from proxy.core.template import ResponseSpec, TemplateError, load_response_file
+
+if TYPE_CHECKING:
+    from proxy.fallbacks.build import FallbackDeps
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,8 @@ class Canned:
     def needs_body(self) -> bool:
         return self.spec.needs_body
 
-    async def render(self, request: web.Request, ctx: FallbackContext,
-                     extra_headers: tuple[tuple[str, str], ...] = ()) -> web.Response:
+    async def render(self, request: Request, ctx: FallbackContext,
+                     extra_headers: tuple[tuple[str, str], ...] = ()) -> Answer:
         spec = self.spec
         body = None
         if spec.needs_body:
@@ -67,8 +70,8 @@ class Canned:
             headers[name] = value
         retry_after = ctx.view.retry_after
         if self.status in _RETRY_STATUSES and retry_after is not None and "Retry-After" not in headers:
-            headers["Retry-After"] = responses.retry_after_header(retry_after)
-        return web.Response(status=self.status, body=spec.body.render(context), headers=headers)
+            headers["Retry-After"] = retry_after_header(retry_after)
+        return Answer(self.status, spec.body.render(context), headers)
 
 
 class StaticFallback:
@@ -80,8 +83,8 @@ class StaticFallback:
         self.canned = Canned(load_spec(deps, route, options["file"]), deps.clock, options.get("status"))
         self.buffer_request_bytes = BODY_LIMIT if self.canned.needs_body else 0
 
-    async def serve(self, request: web.Request, ctx: FallbackContext) -> web.Response | None:
+    async def serve(self, request: Request, ctx: FallbackContext) -> Answer | None:
         return await self.canned.render(request, ctx)
 
-    def recorder(self, request: web.Request, status: int, headers: Any) -> Recorder | None:
+    def recorder(self, request: Request, status: int, headers: CIMultiDict[str]) -> Recorder | None:
         return None

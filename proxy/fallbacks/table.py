@@ -9,24 +9,25 @@ row at its base cost. Everything is computed from memory; nothing here awaits th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.config.model import Route
+from proxy.core.messages import Answer, Request
 from proxy.fallbacks.base import (
-    DETAIL_KEY,
     FallbackContext,
-    FallbackDeps,
     Recorder,
     dig,
     json_or_none,
     request_body,
 )
+
+if TYPE_CHECKING:
+    from proxy.fallbacks.build import FallbackDeps
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,10 @@ class TableFallback:
                 "currency": fixed["currency"], "eta_days": fixed["eta_days"], "zone": zone,
                 "estimated": True}
 
-    async def serve(self, request: web.Request, ctx: FallbackContext) -> web.Response | None:
+    async def serve(self, request: Request, ctx: FallbackContext) -> Answer | None:
         answer = self.quote(json_or_none(await request_body(request, ctx, BODY_LIMIT)))
-        request[DETAIL_KEY] = f"zone={answer['zone']}"
-        return web.Response(status=self.status, body=json.dumps(answer).encode(),
-                            content_type="application/json",
-                            headers={"X-Fallback-Estimated": "true"})
+        request.detail = f"zone={answer['zone']}"
+        return Answer.json(self.status, answer, {"X-Fallback-Estimated": "true"})
 
-    def recorder(self, request: web.Request, status: int, headers: Any) -> Recorder | None:
+    def recorder(self, request: Request, status: int, headers: CIMultiDict[str]) -> Recorder | None:
         return None

@@ -5,6 +5,10 @@ loses events (and is told so by the next snapshot, which carries the whole state
 holds up a transition or another client. One ticker task, shared by every client, refreshes
 the breakers (open → half_open is due), samples the page's history and sends a snapshot.
 Shutdown ends every stream at once, so a drain is never held up by an open status page.
+
+A stream is an async generator of bytes handed to the HTTP server in an `Answer`; the server
+writes each chunk with back-pressure and closes the generator when the client leaves. This
+module never touches a socket or a web framework, and never lets a client slow a producer.
 """
 
 from __future__ import annotations
@@ -15,10 +19,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import web
-
-from proxy.background import stop_task
 from proxy.core.breaker import Transition
+from proxy.core.messages import Answer
 from proxy.runtime.metrics import Metrics
 from proxy.ops.status import StatusBoard, iso
 
@@ -80,13 +82,22 @@ class EventHub:
 
     # -- the stream --------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-store",
-            "X-Accel-Buffering": "no"})  # proxies in front must not buffer the stream
-        await response.prepare(request)
+    def answer(self, *, head: bool = False) -> Answer:
+        """200 text/event-stream; for HEAD the headers only (no client is registered)."""
+        # Proxies in front must not buffer the stream (X-Accel-Buffering).
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                   "X-Accel-Buffering": "no"}
+        return Answer(200, headers=headers, stream=None if head else self.stream())
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """One client's messages until close() or until the server closes the iterator.
+
+        The client is registered at the first `__anext__`, so an iterator that is never
+        started holds nothing. The server ends it with `aclose()` between chunks, or by
+        cancelling a pending `__anext__`: either way `finally` forgets the client.
+        """
         if self._closed:
-            return response
+            return  # shutting down: an empty stream; the EventSource reconnects to what serves next
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(CLIENT_QUEUE_SIZE)
         # The first snapshot goes out at once: the page shows the state without waiting a tick.
         queue.put_nowait(f"retry: {RETRY_MS}\n\n".encode() + encode_event("snapshot", self._board.document()))
@@ -96,14 +107,11 @@ class EventHub:
             while True:
                 message = await queue.get()
                 if message is None:
-                    break
-                await response.write(message)
-        except ConnectionResetError:
-            pass  # the client went away; nothing to tell it
+                    return
+                yield message
         finally:
             self._clients.discard(queue)
             self._metrics.status_clients.set(len(self._clients))
-        return response
 
     def close(self) -> None:
         """End every stream now (shutdown); later connections get an empty stream."""
@@ -112,22 +120,3 @@ class EventHub:
             while not queue.empty():
                 queue.get_nowait()
             queue.put_nowait(None)
-
-
-def install(app: web.Application, hub: EventHub) -> None:
-    """Route, ticker (for the life of the app) and the early close at shutdown."""
-    app.router.add_get("/status/events", hub.handle)
-
-    async def ticker_context(app: web.Application) -> AsyncIterator[None]:
-        ticker = asyncio.create_task(hub.run_ticker(), name="status-ticker")
-        yield
-        await stop_task(ticker)
-
-    async def close_streams(app: web.Application) -> None:
-        # on_shutdown runs before the server waits for in-flight handlers: an open page
-        # must not hold up the drain (cleanup contexts only run after it).
-        hub.close()
-
-    app.cleanup_ctx.append(ticker_context)
-    app.on_shutdown.append(close_streams)
-

@@ -4,13 +4,15 @@ The board keeps what a breaker does not: its last few transitions and a short hi
 outcome counts per tick (the page's sparkline). It is fed by a transition listener and by
 the live-status ticker (`proxy.ops.events`), never by requests, so it costs nothing per call.
 Everything shown on the page is put there with `textContent`, so names from the config or
-values from requests are never parsed as HTML.
+values from requests are never parsed as HTML. Answers are the project's own `Answer`s: this
+module never touches a socket or a web framework.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 from collections import deque
@@ -19,9 +21,8 @@ from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
 
-from aiohttp import web
-
 from proxy.core.breaker import Transition
+from proxy.core.messages import Answer
 from proxy.runtime.metrics import Metrics
 from proxy.runtime.registry import Registry, RouteRuntime
 
@@ -31,6 +32,17 @@ TRANSITIONS_KEPT = 8  # per breaker, newest last
 HISTORY_KEPT = 60  # ticks of outcome counts per breaker (a minute at the default tick)
 
 QueueSource = Callable[[], list[dict[str, Any]]]
+
+# The content type the control plane's JSON has always had, kept so no client sees a change;
+# the proxy's own contract answers (outcome.py) say plain application/json.
+JSON_UTF8 = "application/json; charset=utf-8"
+
+
+def json_answer(status: int, document: Any, headers: Any = None) -> Answer:
+    """A control-plane JSON answer: the document, then the JSON content type after `headers`."""
+    answer = Answer(status, json.dumps(document).encode(), headers)
+    answer.headers["Content-Type"] = JSON_UTF8
+    return answer
 
 
 def iso(wall: float | None) -> str | None:
@@ -144,10 +156,9 @@ def status_document(registry: Registry, queues: list[dict[str, Any]] | None = No
     return {"breakers": breakers, "queues": queues or []}
 
 
-def status_json_handler(board: StatusBoard):
-    async def status_json(request: web.Request) -> web.Response:
-        return web.json_response(board.document(), headers={"Cache-Control": "no-store"})
-    return status_json
+def status_json_answer(board: StatusBoard) -> Answer:
+    """/status.json: computed per request (it is cheap and must be current), never cached."""
+    return json_answer(200, board.document(), {"Cache-Control": "no-store"})
 
 
 # -- the page --------------------------------------------------------------------------------
@@ -166,13 +177,15 @@ def _csp(html: str) -> str:
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def status_page_handler():
-    """The page is read and its policy computed once, when the app is built."""
-    html = resources.files("proxy.ops").joinpath("status_page.html").read_text(encoding="utf-8")
-    body = html.encode()
-    headers = {"Content-Security-Policy": _csp(html), "X-Content-Type-Options": "nosniff",
-               "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+class StatusPage:
+    """The page is read and its policy computed once, when the control plane is built."""
 
-    async def status_page(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="text/html", charset="utf-8", headers=headers)
-    return status_page
+    def __init__(self) -> None:
+        html = resources.files("proxy.ops").joinpath("status_page.html").read_text(encoding="utf-8")
+        self._body = html.encode()
+        self._headers = {"Content-Security-Policy": _csp(html), "X-Content-Type-Options": "nosniff",
+                         "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+                         "Content-Type": "text/html; charset=utf-8"}
+
+    def answer(self) -> Answer:
+        return Answer(200, self._body, self._headers)

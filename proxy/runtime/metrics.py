@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import ProcessCollector, PlatformCollector, generate_latest
 
+from proxy.config.fallback_options import FALLBACK_TYPES as FALLBACK_KINDS
 from proxy.core.breaker import ALL_STATES, State, Transition
 
 _CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -143,12 +144,12 @@ class BreakerMetrics:
             (m.slow_calls, [(self.name,)]), (m.call_duration, [(self.name,)]),
             (m.failure_rate, [(self.name,)]), (m.request_duration, [(self.name,)]),
             (m.requests, [(self.name, str(code)) for code in self._codes]),
+            (m.transitions, [(self.name, a.value, b.value) for a in ALL_STATES for b in ALL_STATES]),
+            (m.fallbacks, [(self.name, kind) for kind in FALLBACK_KINDS]),
         ):
             for labels in label_sets:
                 try:
                     family.remove(*labels)
                 except KeyError:
                     pass
-        for family in (m.transitions, m.fallbacks):
-            for labels in [k for k in family._metrics if k[0] == self.name]:  # noqa: SLF001
-                family.remove(*labels)
+

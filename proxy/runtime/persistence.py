@@ -7,9 +7,10 @@ a deque append. At start-up, before the first request, `restore` puts every stor
 an open breaker stays open for what remained of its period (measured on the wall clock across
 the restart), a forced or disabled one stays so. A breaker whose policy or upstream changed
 meanwhile (another config hash: the old evidence is about something else) keeps only a state
-an operator set. A snapshot task
-writes calls, failures, slow calls, rejections and latency quantiles per breaker every
-`storage.snapshot_interval_s` and deletes rows older than `storage.retention_hours`.
+an operator set. A snapshot task writes calls, failures, slow calls, rejections and latency
+quantiles per breaker every `storage.snapshot_interval_s` and deletes rows older than
+`storage.retention_hours`. `Persistence` is what the app starts and stops; this module knows no
+HTTP server and never makes a request wait for the disk.
 """
 
 from __future__ import annotations
@@ -19,16 +20,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiohttp import web
-
 from proxy.background import stop_task
-from proxy.core.breaker import Breaker, State, Transition
 from proxy.config.model import Settings
+from proxy.core.breaker import Breaker, State, Transition
 from proxy.runtime.metrics import Metrics
-from proxy.observability import RELOADER
 from proxy.runtime.registry import Registry, ReloadResult, RouteRuntime
 from proxy.storage.sqlite import Storage, StorageError, register_schema
 
@@ -227,23 +224,37 @@ class BreakerStore:
                 log.exception("breaker metrics snapshot failed")
 
 
-def persistence_context(registry: Registry, storage: Storage, metrics: Metrics
-                        ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context: restore before serving, record while running, snapshot in the
-    background. Append it right after the storage's own context, before anything that calls
-    an upstream (queue replays) starts."""
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        store = BreakerStore(registry, storage, metrics)
+class Persistence:
+    """Restore before serving, record while running, snapshot in the background (§6).
+
+    The app calls `start` once the storage is open and before anything is served or replayed
+    (queue replays go through the restored breakers), `stop` before the storage closes, and
+    registers `on_reload` with the Reloader.
+    """
+
+    def __init__(self, registry: Registry, storage: Storage, metrics: Metrics) -> None:
+        self._registry = registry
+        self.store = BreakerStore(registry, storage, metrics)
+        self._snapshots: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
         try:
-            restored = await store.restore()
+            restored = await self.store.restore()
         except StorageError:
             log.exception("breaker states could not be restored; every breaker starts closed")
             restored = 0
         log.info("breaker states restored: %d not closed", restored)
-        registry.add_listener(store.on_transition)
-        app[RELOADER].add_listener(store.on_reload)
-        snapshots = asyncio.create_task(store.run_snapshots(), name="breaker-snapshots")
-        yield
+        self._registry.add_listener(self.store.on_transition)
+        self._snapshots = asyncio.get_running_loop().create_task(
+            self.store.run_snapshots(), name="breaker-snapshots")
+
+    def on_reload(self, settings: Settings, result: ReloadResult) -> None:
+        """A Reloader listener: rows for added and changed breakers, removed ones deleted."""
+        self.store.on_reload(settings, result)
+
+    async def stop(self) -> None:
+        snapshots, self._snapshots = self._snapshots, None
+        if snapshots is None:
+            return  # never started, or already stopped
         await stop_task(snapshots)
-        store.snapshot()  # the last word before the storage closes
-    return context
+        self.store.snapshot()  # the last word before the storage closes

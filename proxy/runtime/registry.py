@@ -3,6 +3,7 @@
 A reload builds new routes but keeps the breaker (state and counts) of every route whose
 policy did not change, and the stateful fallback (queue, cache) of every route whose fallback
 and upstream did not. Stateless fallbacks are rebuilt, so edited response files take effect.
+Nothing here does I/O or knows an HTTP client: call settings are plain seconds and statuses.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from aiohttp import ClientTimeout
 
 from proxy.core.breaker import Breaker, Permit, State, Transition
 from proxy.core.bulkhead import Bulkhead
@@ -32,7 +31,7 @@ class RouteRuntime:
     """One route's breaker, bulkhead, metrics, fallback and upstream call settings."""
 
     __slots__ = ("route", "name", "breaker", "bulkhead", "metrics", "fallback", "upstream",
-                 "timeout", "timeout_s", "failure_statuses")
+                 "timeout_s", "connect_timeout_s", "failure_statuses")
 
     def __init__(self, route: Route, upstream: str, breaker: Breaker, bulkhead: Bulkhead,
                  metrics: BreakerMetrics, fallback: Fallback | None) -> None:
@@ -45,7 +44,7 @@ class RouteRuntime:
         self.upstream = upstream
         policy = route.policy
         self.timeout_s = policy.timeout_ms / 1000
-        self.timeout = ClientTimeout(total=self.timeout_s, connect=policy.connect_timeout_ms / 1000)
+        self.connect_timeout_s = policy.connect_timeout_ms / 1000
         self.failure_statuses = policy.failure_statuses
 
     def record(self, permit: Permit, *, failed: bool) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.model import Match, Policy, WindowSpec
+from proxy.config.model import Match, Policy, TlsSettings, WindowSpec
 from proxy.config.load import ConfigError, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,3 +172,86 @@ def test_run_refuses_invalid_config_with_the_same_messages(tmp_path):
     missing = run_cli("run", "--config", str(tmp_path / "missing.yaml"))
     assert (missing.returncode, missing.stderr) == (
         2, f"{tmp_path / 'missing.yaml'}: cannot read: No such file or directory\n")
+
+
+# --- tls (§1a): files checked for existence only; `ssl` is http/tls.py's business -----------
+
+def test_tls_files_resolve_against_the_config_folder(tmp_path):
+    (tmp_path / "config" / "certs").mkdir(parents=True)
+    (tmp_path / "config" / "certs" / "ca.pem").write_text("pem")
+    (tmp_path / "client.pem").write_text("pem")
+    path = write(tmp_path, f"""\
+        services:
+          a: {{upstream: 'https://127.0.0.1:9443', tls: {{ca_file: certs/ca.pem}}}}
+          b:
+            upstream: https://shop.example
+            tls: {{ca_file: null, client_cert: {tmp_path / 'client.pem'}, client_key: null, verify: false}}
+          c: {{upstream: 'https://127.0.0.1:9443', tls: {{}}}}
+          d: {{upstream: 'https://127.0.0.1:9443', tls: null}}
+          e: {{upstream: 'https://127.0.0.1:9443'}}
+    """)
+    tls = {s.name: s.tls for s in load_settings(path, {}).services}
+    assert tls == {
+        "a": TlsSettings(ca_file=tmp_path / "config" / "certs" / "ca.pem", client_cert=None,
+                         client_key=None, verify=True),
+        "b": TlsSettings(ca_file=None, client_cert=tmp_path / "client.pem", client_key=None, verify=False),
+        "c": TlsSettings(),  # written but empty: system CAs, verify on
+        "d": None, "e": None,  # not written
+    }
+
+
+def test_every_tls_problem_with_line_and_key_path(tmp_path):
+    (tmp_path / "config" / "folder.pem").mkdir(parents=True)
+    (tmp_path / "config" / "key.pem").write_text("pem")
+    found = problems(tmp_path, """\
+        services:
+          a:
+            upstream: https://127.0.0.1:9443
+            tls:
+              ca_fle: ca.pem
+              ca_file: missing.pem
+              verify: "no"
+          b:
+            upstream: https://127.0.0.1:9443
+            tls:
+              client_cert: folder.pem
+              client_key: key.pem
+          c:
+            upstream: https://127.0.0.1:9443
+            tls: {client_key: key.pem, verify: 1}
+          d:
+            upstream: http://127.0.0.1:9101
+            tls: {verify: true}
+          e: {upstream: 'https://h:1', tls: [ca.pem]}
+    """)
+    config = tmp_path / "config"
+    assert found == [
+        "F:5: services.a.tls.ca_fle: unknown key (did you mean ca_file?)",
+        "F:7: services.a.tls.verify: not a boolean: 'no'",
+        f"F:6: services.a.tls.ca_file: no such file: {config / 'missing.pem'}",
+        f"F:11: services.b.tls.client_cert: not a file: {config / 'folder.pem'}",
+        "F:15: services.c.tls.verify: not a boolean: 1",
+        "F:15: services.c.tls.client_key: needs client_cert",
+        "F:18: services.d.tls: tls needs an https upstream, got 'http://127.0.0.1:9101'",
+        "F:19: services.e.tls: must be a mapping",
+    ]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("services:\n  a: {upstream: 'https://h:1', tls: {ca_file: nope.pem}}\n",
+     "F:2: services.a.tls.ca_file: no such file: {config}/nope.pem"),
+    ("services:\n  a: {upstream: 'https://h:1', tls: {client_key: k.pem}}\n",
+     "F:2: services.a.tls.client_key: needs client_cert"),
+    ("services:\n  a:\n    upstream: 'http://h:1'\n    tls: {}\n",
+     "F:4: services.a.tls: tls needs an https upstream, got 'http://h:1'"),
+    ("services:\n  a: {upstream: 'https://h:1', tls: {verify: 'false'}}\n",
+     "F:2: services.a.tls.verify: not a boolean: 'false'"),
+    ("services:\n  a: {upstream: 'https://h:1', tls: {ca_file: 7}}\n",
+     "F:2: services.a.tls.ca_file: not a non-empty string: 7"),
+    ("services:\n  a: {upstream: 'https://h:1', tls: {sni: x}}\n",
+     "F:2: services.a.tls.sni: unknown key"),
+])
+def test_single_tls_problem_messages(tmp_path, text, expected):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "k.pem").write_text("pem")
+    assert problems(tmp_path, text) == [expected.format(config=tmp_path / "config")]

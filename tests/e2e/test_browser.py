@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from proxy.observability import ADMIN_TOKEN
 from tests.real_tools import require_tool
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -54,7 +53,7 @@ async def charge(proxy) -> int:
 async def test_a_breaker_opens_live_and_is_forced_closed_from_the_page(start_proxy, fakes, browser,
                                                                        write_config):
     proxy = await start_proxy(CONFIG)
-    token = proxy.app[ADMIN_TOKEN]
+    token = proxy.app.control.admin_token
     for sku in ("SKU-001", "SKU-002", "SKU-003"):
         async with proxy.session.get(proxy.url(f"/inventory/stock/{sku}")) as response:
             assert response.status == 200

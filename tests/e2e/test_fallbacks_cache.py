@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.app import STORAGE
 from proxy.core.clock import FakeClock
 
 CONFIG = """
@@ -60,7 +59,7 @@ async def test_last_known_good_is_served_scaled_with_age(start_proxy, fakes):
     assert fakes.requests("inventory") == 3
     rows = []
     for _ in range(300):
-        rows = await proxy.app[STORAGE].fetchall(
+        rows = await proxy.app.storage.fetchall(
             "SELECT type, path, status, reason, detail FROM fallback_logs ORDER BY id")
         if len(rows) == 3:
             break

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-from proxy.app import QUEUES, REGISTRY, STORAGE
 from proxy.core.clock import FakeClock
 from proxy.config.load import load_settings
 
@@ -46,7 +45,7 @@ async def until(predicate, what: str, timeout_s: float = 5.0):
 
 async def start(start_proxy, clock):
     proxy = await start_proxy(CONFIG, clock=clock)
-    proxy.app[QUEUES].poll_s = 0.02
+    proxy.app.queues.poll_s = 0.02
     return proxy
 
 
@@ -57,7 +56,7 @@ async def post(proxy, path, body, **headers) -> tuple[int, dict[str, str], objec
 
 
 async def rows(proxy, sql="SELECT queue, state, idempotency_key, amount, attempts FROM queue_items ORDER BY id"):
-    return await proxy.app[STORAGE].fetchall(sql)
+    return await proxy.app.storage.fetchall(sql)
 
 
 async def open_payment(proxy, fakes) -> None:
@@ -94,7 +93,7 @@ async def test_accepted_while_open_then_replayed_once_healthy(start_proxy, fakes
     charges = await until(lambda: _records(fakes, "payment", 2), "both charges replayed")
     assert [(c["order_id"], c["idempotency_key"], c["amount"]) for c in charges] == [
         ("o-1", key, 40), ("o-2", "k-2", 40)]
-    assert proxy.app[REGISTRY].get("payment.charges").breaker.state == "closed"
+    assert proxy.app.registry.get("payment.charges").breaker.state == "closed"
     await until(lambda: _depth(proxy, "payment.charges", 0), "depth back to 0")
     assert await rows(proxy, "SELECT state, attempts FROM queue_items ORDER BY id") == [
         ("delivered", 1), ("delivered", 1)]
@@ -117,7 +116,7 @@ async def _depth(proxy, name, depth):
 
 
 async def _logs(proxy, count):
-    found = await proxy.app[STORAGE].fetchall(
+    found = await proxy.app.storage.fetchall(
         "SELECT breaker, type, method, path, status, reason, detail FROM fallback_logs ORDER BY id")
     return found if len(found) >= count else None
 
@@ -160,7 +159,7 @@ async def test_the_exposure_cap_is_exact_under_concurrency(start_proxy, fakes):
 
 async def test_a_full_queue_answers_queue_full(start_proxy, fakes):
     proxy = await start(start_proxy, FakeClock())
-    proxy.app[REGISTRY].get("notification.notifications").breaker.force_open()
+    proxy.app.registry.get("notification.notifications").breaker.force_open()
     statuses = [(await post(proxy, "/notification/notifications", NOTE))[0] for _ in range(3)]
     full = await post(proxy, "/notification/notifications", NOTE)
     assert (statuses, full[0], full[1]["X-Circuit-State"], full[2]) == (
@@ -172,7 +171,7 @@ async def test_a_full_queue_answers_queue_full(start_proxy, fakes):
 
 async def test_4xx_and_exhausted_retries_become_visible_dead_letters(start_proxy, fakes):
     proxy = await start(start_proxy, FakeClock())
-    breaker = proxy.app[REGISTRY].get("notification.notifications").breaker
+    breaker = proxy.app.registry.get("notification.notifications").breaker
     breaker.force_open()
     bad = await post(proxy, "/notification/notifications", {"template": "no recipient"})
     good = await post(proxy, "/notification/notifications", NOTE)
@@ -194,7 +193,7 @@ async def test_4xx_and_exhausted_retries_become_visible_dead_letters(start_proxy
     queued = await post(proxy, "/notification/notifications", {**NOTE, "to": "bob@example.com"})
     breaker.reset()
     await until(lambda: _depth(proxy, "notification.notifications", 0), "retries exhausted")
-    dead = await proxy.app[QUEUES].dead_letters("notification.notifications")
+    dead = await proxy.app.queues.dead_letters("notification.notifications")
     assert [(d["id"], d["idempotency_key"], d["attempts"], d["last_error"][:8]) for d in dead] == [
         (3, queued[1]["Idempotency-Key"], 3, "HTTP 500"), (1, bad[1]["Idempotency-Key"], 1, "HTTP 400")]
     assert {q["name"]: q for q in await queue_status(proxy)}["notification.notifications"] == {
@@ -209,7 +208,7 @@ async def test_4xx_and_exhausted_retries_become_visible_dead_letters(start_proxy
 async def test_a_maybe_delivered_request_is_queued_only_with_an_idempotency_key(start_proxy, fakes):
     proxy = await start_proxy(CONFIG.replace("timeout_ms: 2000", "timeout_ms: 300")
                               .replace("failure_threshold: 1,", "failure_threshold: 50,"), clock=FakeClock())
-    proxy.app[QUEUES].poll_s = 0.02
+    proxy.app.queues.poll_s = 0.02
     await fakes.set_mode("payment", "hang")
     status, headers, body = await post(proxy, "/payment/charges", CHARGE)
     assert (status, body["error"], "X-Fallback" in headers) == (504, "upstream_timeout", False)
@@ -237,8 +236,8 @@ async def test_stored_requests_keep_end_to_end_headers_and_body(start_proxy, fak
 async def test_a_queue_added_by_a_reload_accepts_and_replays(start_proxy, write_config, fakes):
     proxy = await start_proxy(CONFIG.replace("fallback: {type: queue, max_depth: 3", "# no fallback: {x: 3"),
                               clock=FakeClock())
-    proxy.app[QUEUES].poll_s = 0.02
-    registry = proxy.app[REGISTRY]
+    proxy.app.queues.poll_s = 0.02
+    registry = proxy.app.registry
     registry.get("notification.notifications").breaker.force_open()
     assert (await post(proxy, "/notification/notifications", NOTE))[2]["error"] == "circuit_open"
     registry.apply(load_settings(write_config(CONFIG, name="reloaded.yaml"), {}))
@@ -288,7 +287,7 @@ async def test_a_retry_after_delivery_is_still_answered_with_the_first_acceptanc
     clock.advance(10)
     await until(lambda: _records(fakes, "payment", 1), "the charge replayed")
     await until(lambda: _depth(proxy, "payment.charges", 0), "marked delivered")
-    proxy.app[REGISTRY].get("payment.charges").breaker.force_open()
+    proxy.app.registry.get("payment.charges").breaker.force_open()
     status, headers, body = await post(proxy, "/payment/charges", CHARGE, **key)
     assert (status, headers["X-Queue-Id"], headers["Idempotent-Replayed"], body["queue_id"]) == (202, "1", "true", 1)
     assert await rows(proxy, "SELECT state, idempotency_key FROM queue_items") == [("delivered", "k-late")]
@@ -334,7 +333,7 @@ async def test_the_dead_letter_gauge_counts_what_a_4xx_replay_gave_up_on(start_p
     assert await metric_lines(proxy, "fallback_queue_dead_letters{") == [
         'fallback_queue_dead_letters{queue="payment.charges"} 0.0',
         'fallback_queue_dead_letters{queue="notification.notifications"} 0.0']
-    breaker = proxy.app[REGISTRY].get("notification.notifications").breaker
+    breaker = proxy.app.registry.get("notification.notifications").breaker
     breaker.force_open()
     assert (await post(proxy, "/notification/notifications", {"template": "no recipient"}))[0] == 202
     breaker.reset()

@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from proxy.app import REGISTRY, STORAGE
 from proxy.core.clock import FakeClock
 from proxy.config.load import ConfigError, load_settings
 
@@ -42,7 +41,7 @@ async def logs_of(proxy, count: int) -> list[tuple]:
     """fallback_logs rows, once the background writer has written `count` of them."""
     rows: list[tuple] = []
     for _ in range(300):
-        rows = await proxy.app[STORAGE].fetchall(
+        rows = await proxy.app.storage.fetchall(
             "SELECT breaker, type, method, path, status, reason, detail FROM fallback_logs ORDER BY id")
         if len(rows) >= count:
             return rows
@@ -121,7 +120,7 @@ async def test_forced_open_and_plain_files(start_proxy, fakes, config_dir):
     (config_dir / "fallback_responses" / "sorry.html").write_text(
         "<p>{{service}} is {{state}}: {{query.q}}</p>\n")
     proxy = await start_proxy(config("{type: static, file: sorry.html, status: 200}"), clock=FakeClock())
-    proxy.app[REGISTRY].get("payment.charges").breaker.force_open()
+    proxy.app.registry.get("payment.charges").breaker.force_open()
     async with proxy.session.post(proxy.url("/payment/charges?q=%3Cb%3E"), data=b"") as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "text/html; charset=utf-8"

@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 
-from proxy.app import STORAGE
 from proxy.core.clock import FakeClock
 from proxy.config.load import ConfigError, load_settings
 
@@ -69,7 +68,7 @@ async def test_quotes_come_from_the_table_while_open(start_proxy, fakes):
     assert fakes.requests("shipping") == 2
     rows = []
     for _ in range(300):
-        rows = await proxy.app[STORAGE].fetchall("SELECT type, status, reason, detail FROM fallback_logs")
+        rows = await proxy.app.storage.fetchall("SELECT type, status, reason, detail FROM fallback_logs")
         if len(rows) == 4:
             break
         await asyncio.sleep(0.01)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.observability import ADMIN_TOKEN
 from tests.real_tools import free_port, read_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +46,7 @@ async def status(session: aiohttp.ClientSession, url: str) -> dict[str, dict]:
 
 async def test_reload_under_load_loses_nothing_and_keeps_unchanged_breakers(start_proxy, fakes, write_config):
     proxy = await start_proxy(WITH_REFUNDS, shipping_timeout="5000")
-    token = proxy.app[ADMIN_TOKEN]
+    token = proxy.app.control.admin_token
     auth = {"Authorization": f"Bearer {token}"}
     await fakes.set_mode("inventory", "error", status=503)
     for expected in (503, 503, 503):
@@ -116,7 +115,7 @@ async def test_a_removed_route_leaves_metrics_and_status(start_proxy, fakes, wri
         assert 'breaker="shipping.refunds"' in await response.text()
     write_config(BASE, shipping_timeout="5000")
     async with proxy.session.post(proxy.url("/admin/reload"),
-                                  headers={"Authorization": f"Bearer {proxy.app[ADMIN_TOKEN]}"}) as response:
+                                  headers={"Authorization": f"Bearer {proxy.app.control.admin_token}"}) as response:
         assert (response.status, response.headers["X-Reload-Removed"]) == (200, "shipping.refunds")
         assert "shipping.refunds" not in [b["name"] for b in await response.json()]
     async with proxy.session.get(proxy.url("/metrics")) as response:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from proxy.core.clock import FakeClock
-from proxy.observability import ADMIN_TOKEN
 
 CONFIG = """
     storage: {path: $db}
@@ -42,7 +41,7 @@ async def test_edited_response_file_is_served_after_reload(start_proxy, fakes, c
 
     (files / "busy.json").write_text(busy("payments are paused"))
     async with proxy.session.post(proxy.url("/admin/reload"),
-                                  headers={"Authorization": f"Bearer {proxy.app[ADMIN_TOKEN]}"}) as response:
+                                  headers={"Authorization": f"Bearer {proxy.app.control.admin_token}"}) as response:
         assert (response.status, response.headers["X-Reload-Kept"]) == (200, "payment.charges,payment.default")
     assert await served(proxy) == (503, "open", {"error": "payments_busy", "message": "payments are paused"})
     assert fakes.requests("payment") == 1

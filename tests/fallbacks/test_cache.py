@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from proxy.fallbacks.cache import Entry, ResponseCache, scale_document
+import json
+
+from multidict import CIMultiDict
+
+from proxy.config.model import FallbackSpec, Match, Policy, Route
+from proxy.core.breaker import Breaker
+from proxy.core.clock import FakeClock
+from proxy.core.messages import Request
+from proxy.core.outcome import Reason
+from proxy.fallbacks.base import FallbackContext
+from proxy.fallbacks.build import FallbackDeps, build_fallback
+from proxy.fallbacks.cache import CacheFallback, Entry, ResponseCache, scale_document
 
 
 def entry(size: int) -> Entry:
@@ -41,3 +52,61 @@ def test_scale_floors_top_level_numbers_and_leaves_the_rest():
     assert scale_document({"available": True, "reserved": "12"}, scale) == {"available": True, "reserved": "12"}
     assert scale_document([{"available": 3}, 4, {"sku": "B"}], scale) == [{"available": 1}, 4, {"sku": "B"}]
     assert scale_document(17, scale) == 17
+
+
+def cache_fallback(clock: FakeClock, **options) -> CacheFallback:
+    options = {"max_age_s": 60, "max_body_bytes": 1024, "max_entries": 10, "scale": {"available": 0.5},
+               **options}
+    route = Route(service="inventory", name="stock", match=Match(), policy=Policy(),
+                  fallback=FallbackSpec(type="cache", options=options))
+    fallback = build_fallback(route, FallbackDeps(clock=clock, fallback_dir=None))
+    assert isinstance(fallback, CacheFallback)
+    return fallback
+
+
+def get(target: str, method: str = "GET") -> Request:
+    return Request(method, target, CIMultiDict({"Host": "proxy"}))
+
+
+def learn(fallback: CacheFallback, request: Request, body: bytes, **headers: str) -> bool:
+    recorder = fallback.recorder(request, 200, CIMultiDict(
+        {"Content-Type": "application/json", "ETag": '"v1"', "Set-Cookie": "s=1", "X-Shop": "a",
+         **{k.replace("_", "-"): v for k, v in headers.items()}}))
+    if recorder is None:
+        return False
+    for at in range(0, len(body), 3):
+        recorder.feed(body[at:at + 3])
+    recorder.finish()
+    return True
+
+
+async def test_remembered_answers_are_served_scaled_with_their_age():
+    clock = FakeClock()
+    fallback = cache_fallback(clock)
+    assert learn(fallback, get("/inventory/stock/A%2F1?full=1"), b'{"sku": "A/1", "available": 7}')
+    ctx = FallbackContext(view=Breaker("inventory.stock", Policy(), clock).view(), reason=Reason.OPEN,
+                          maybe_delivered=False, body=None)
+    clock.advance(30.7)
+    request = get("/inventory/stock/A%2F1?full=1")
+    answer = await fallback.serve(request, ctx)
+    assert answer is not None
+    assert (answer.status, json.loads(answer.body)) == (200, {"sku": "A/1", "available": 3})
+    assert sorted(answer.headers.items()) == [("Age", "30"), ("Content-Type", "application/json"),
+                                              ("X-Fallback-Estimated", "true"), ("X-Shop", "a")]
+    assert request.detail == "age_s=30"
+    # Keyed by the target as sent: another query, another encoding or a POST is not that entry.
+    for other in (get("/inventory/stock/A%2F1"), get("/inventory/stock/A/1?full=1"),
+                  get("/inventory/stock/A%2F1?full=1", "POST")):
+        assert await fallback.serve(other, ctx) is None
+    clock.advance(30)  # past max_age_s: dropped
+    assert await fallback.serve(get("/inventory/stock/A%2F1?full=1"), ctx) is None
+    assert len(fallback.cache) == 0
+
+
+def test_only_storable_get_answers_are_recorded():
+    fallback = cache_fallback(FakeClock(), max_body_bytes=10)
+    assert not learn(fallback, get("/inventory/stock", "POST"), b"{}")
+    assert not learn(fallback, get("/inventory/stock"), b"{}", Cache_Control="private, max-age=5")
+    assert not learn(fallback, get("/inventory/stock"), b"{}", Content_Length="11")
+    assert learn(fallback, get("/inventory/stock"), b'{"available": 100}')  # streamed past the limit
+    assert len(fallback.cache) == 0

@@ -8,7 +8,6 @@ import re
 import pytest
 
 from proxy.core.clock import FakeClock
-from proxy.observability import ADMIN_TOKEN
 
 CONFIG = """
 storage: {path: $db}
@@ -70,7 +69,7 @@ async def test_without_a_token_one_is_made_and_logged_once(start_proxy, caplog):
     lines = [r.getMessage() for r in caplog.records if "admin token: " in r.getMessage()]
     assert len(lines) == 1
     token = re.search(r"admin token: (\S+)$", lines[0]).group(1)
-    assert token == proxy.app[ADMIN_TOKEN] and len(token) >= 32
+    assert token == proxy.app.control.admin_token and len(token) >= 32
     assert (await admin(proxy, "/admin/breakers/payment.charges/force-open", token))[0] == 200
     # The token never appears in any other line (e.g. the access or refusal logs).
     assert sum(token in r.getMessage() for r in caplog.records) == 1
@@ -78,7 +77,7 @@ async def test_without_a_token_one_is_made_and_logged_once(start_proxy, caplog):
 
 async def test_force_open_rejects_without_contacting_the_upstream(start_proxy, fakes):
     proxy = await start_proxy(CONFIG, clock=FakeClock())
-    token = proxy.app[ADMIN_TOKEN]
+    token = proxy.app.control.admin_token
     status, _, entry = await admin(proxy, "/admin/breakers/payment.charges/force-open", token)
     assert (status, entry["name"], entry["state"], entry["retry_at"]) == (
         200, "payment.charges", "forced_open", None)
@@ -90,7 +89,7 @@ async def test_force_open_rejects_without_contacting_the_upstream(start_proxy, f
 
 async def test_force_closed_and_disable_let_calls_through_and_never_trip(start_proxy, fakes):
     proxy = await start_proxy(CONFIG, clock=FakeClock())
-    token = proxy.app[ADMIN_TOKEN]
+    token = proxy.app.control.admin_token
     await fakes.set_mode("payment", "error", status=500)
     for action, state in (("force-closed", "forced_closed"), ("disable", "disabled")):
         status, _, entry = await admin(proxy, f"/admin/breakers/payment.charges/{action}", token)
@@ -101,7 +100,7 @@ async def test_force_closed_and_disable_let_calls_through_and_never_trip(start_p
 
 async def test_reset_returns_to_closed_with_counts_cleared(start_proxy, fakes):
     proxy = await start_proxy(CONFIG, clock=FakeClock())
-    token = proxy.app[ADMIN_TOKEN]
+    token = proxy.app.control.admin_token
     await fakes.set_mode("payment", "error", status=500)
     assert [(await charge(proxy))[0] for _ in range(3)] == [500, 500, 503]
     await fakes.set_mode("payment", "healthy")
@@ -113,7 +112,7 @@ async def test_reset_returns_to_closed_with_counts_cleared(start_proxy, fakes):
 
 async def test_unknown_breaker_or_action_is_404_and_wrong_method_405(start_proxy):
     proxy = await start_proxy(CONFIG)
-    token = proxy.app[ADMIN_TOKEN]
+    token = proxy.app.control.admin_token
     status, _, body = await admin(proxy, "/admin/breakers/payment.nope/force-open", token)
     assert (status, body) == (404, {"error": "unknown_breaker", "breaker": "payment.nope"})
     status, _, body = await admin(proxy, "/admin/breakers/payment.charges/explode", token)
@@ -124,7 +123,7 @@ async def test_unknown_breaker_or_action_is_404_and_wrong_method_405(start_proxy
 
 async def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(start_proxy, write_config, fakes):
     proxy = await start_proxy(CONFIG, clock=FakeClock())
-    token = proxy.app[ADMIN_TOKEN]
+    token = proxy.app.control.admin_token
     await fakes.set_mode("payment", "error", status=500)
     assert [(await charge(proxy))[0] for _ in range(3)] == [500, 500, 503]
 

@@ -7,7 +7,6 @@ import hashlib
 import re
 
 from proxy.core.clock import FakeClock
-from proxy.observability import BOARD
 
 CONFIG = """
 storage: {path: $db}
@@ -93,7 +92,7 @@ async def test_history_counts_each_outcome_once_across_ticks(start_proxy, fakes)
     assert await charge(proxy) == 201
     await fakes.set_mode("payment", "error", status=500)
     assert [await charge(proxy) for _ in range(3)] == [500, 500, 503]
-    proxy.app[BOARD].sample()  # the ticker samples too, whenever it runs: rows add up the same
+    proxy.app.control.board.sample()  # the ticker samples too, whenever it runs: rows add up the same
     history = (await status(proxy))["breakers"][0]["history"]
     assert [sum(column) for column in zip(*history)] == [1, 2, 1]  # success, failure, rejected
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import aiohttp
-from aiohttp.test_utils import TestServer
 
-from proxy.app import build_app
+from proxy.app import App
 from proxy.core.breaker import State, Transition
 from proxy.core.clock import FakeClock
 from proxy.config.load import load_settings
-from proxy.observability import EVENTS
 from proxy.ops.events import EventHub, encode_event
 
 CONFIG = """
@@ -93,7 +92,7 @@ async def test_snapshots_keep_coming_at_least_every_two_seconds(start_proxy):
 
 async def test_a_client_that_leaves_is_forgotten(start_proxy):
     proxy = await start_proxy(CONFIG)
-    hub: EventHub = proxy.app[EVENTS]
+    hub: EventHub = proxy.app.control.hub
     async with proxy.session.get(proxy.url("/status/events")) as stream:
         await next_of(stream, "snapshot")
         assert hub.client_count == 1
@@ -106,7 +105,7 @@ async def test_a_client_that_leaves_is_forgotten(start_proxy):
 
 async def test_a_slow_client_loses_events_and_never_blocks_a_transition(start_proxy):
     proxy = await start_proxy(CONFIG)
-    hub: EventHub = proxy.app[EVENTS]
+    hub: EventHub = proxy.app.control.hub
     stuck: asyncio.Queue[bytes | None] = asyncio.Queue(2)  # a client that never reads
     hub._clients.add(stuck)  # noqa: SLF001
     try:
@@ -125,12 +124,12 @@ async def test_a_slow_client_loses_events_and_never_blocks_a_transition(start_pr
 async def test_shutdown_ends_open_streams_at_once(write_config, fakes):
     """An open status page must not hold up the drain (shutdown_timeout is 60 s here)."""
     settings = load_settings(write_config(CONFIG), {})
-    app = build_app(settings, clock=FakeClock())
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server(shutdown_timeout=60)
+    settings = replace(settings, server=replace(settings.server, drain_timeout_s=60))
+    app = App(settings, clock=FakeClock())
+    await app.start("127.0.0.1", 0)
     async with aiohttp.ClientSession() as session:
-        async with session.get(server.make_url("/status/events")) as stream:
+        async with session.get(app.url("/status/events")) as stream:
             await next_of(stream, "snapshot")
-            await asyncio.wait_for(server.close(), 5)
+            await asyncio.wait_for(app.close(), 5)
             rest = await asyncio.wait_for(stream.content.read(), 5)
     assert b"event: transition" not in rest

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from proxy.app import STORAGE
 from proxy.core.clock import FakeClock
-from proxy.observability import ADMIN_TOKEN
 from proxy.runtime.persistence import quantiles
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -38,7 +36,7 @@ async def entry(proxy, name: str = "payment.charges") -> dict:
 async def stop(proxy) -> None:
     """As a restart would: drain, write what is buffered, close the database."""
     await proxy.session.close()
-    await proxy.server.close()
+    await proxy.app.close()
 
 
 async def rows(db: Path, sql: str) -> list[tuple]:
@@ -53,7 +51,7 @@ def db_path(proxy) -> Path:
 async def test_forced_open_stays_forced_open_across_a_restart(start_proxy, fakes):
     proxy = await start_proxy(CONFIG, clock=FakeClock(T0), interval="60")
     async with proxy.session.post(proxy.url("/admin/breakers/payment.charges/force-open"),
-                                  headers={"Authorization": f"Bearer {proxy.app[ADMIN_TOKEN]}"}) as response:
+                                  headers={"Authorization": f"Bearer {proxy.app.control.admin_token}"}) as response:
         assert response.status == 200
     await stop(proxy)
     assert await rows(db_path(proxy), "SELECT name, state, forced_open, forced_closed, disabled"
@@ -103,7 +101,7 @@ async def test_changed_settings_keep_only_what_an_operator_set(start_proxy, fake
     await fakes.set_mode("payment", "error", status=500)
     assert [(await charge(proxy))[0] for _ in range(2)] == [500, 500]
     async with proxy.session.post(proxy.url("/admin/breakers/payment.refunds/disable"),
-                                  headers={"Authorization": f"Bearer {proxy.app[ADMIN_TOKEN]}"}) as response:
+                                  headers={"Authorization": f"Bearer {proxy.app.control.admin_token}"}) as response:
         assert response.status == 200
     await stop(proxy)
 
@@ -116,7 +114,7 @@ async def test_changed_settings_keep_only_what_an_operator_set(start_proxy, fake
 async def test_snapshots_are_written_and_expire(start_proxy, fakes):
     clock = FakeClock(T0)
     proxy = await start_proxy(CONFIG, clock=clock, interval="0.1")
-    storage = proxy.app[STORAGE]
+    storage = proxy.app.storage
     assert (await charge(proxy))[0] == 201
 
     async def snapshots() -> list[tuple]:
@@ -165,7 +163,7 @@ async def test_reload_writes_new_rows_and_drops_removed_ones(start_proxy, write_
 """, clock=FakeClock(T0), interval="60")
     write_config(CONFIG.replace("failure_threshold: 2", "failure_threshold: 4"), interval="60")
     async with proxy.session.post(proxy.url("/admin/reload"),
-                                  headers={"Authorization": f"Bearer {proxy.app[ADMIN_TOKEN]}"}) as response:
+                                  headers={"Authorization": f"Bearer {proxy.app.control.admin_token}"}) as response:
         assert response.headers["X-Reload-Removed"] == "payment.refunds"
     await stop(proxy)
     assert [(name, '"failure_threshold":4' in config) for name, config in await rows(

@@ -1,4 +1,4 @@
-"""The fast server on the wire (§2, §4): keep-alive, pipelining, hand-off to the app, framing
+"""The server on the wire (§2, §4): keep-alive, pipelining, reserved paths on a proxied connection, framing
 both ways, HEAD/204/304, Expect: 100-continue, HTTP/1.0, broken upstreams, hostile framing.
 
 Raw sockets, because clients normalise exactly what these tests need to send or observe.

@@ -1,33 +1,37 @@
-"""One proxied request on the fast server: permit → stream upstream → classify → record.
+"""One proxied request: permit → upstream → classify → record → (fallback).
 
-The same decisions as `forward.Proxy` (it shares its recording and fallback code), carried out
-with callbacks instead of awaits: the healthy path and every rejection without a fallback run
-without a task, a coroutine or a timer of its own (deadlines are swept, see `Deadlines`). Only a fallback (which
-is written against aiohttp's `web.Request`) and opening a new upstream connection run in a
-task.
+Carried out with callbacks, not awaits: the healthy path and every rejection without a fallback
+run without a task, a coroutine or a timer of their own (deadlines are swept, see
+`deadlines`). Only a fallback and opening a new upstream connection run in a task.
 
-An exchange owns, until it finishes: the route's bulkhead slot, the breaker permit, the
-upstream connection and the deadline. Whatever way it ends (answered, failed, client gone),
-each is given back exactly once.
+An exchange sees its client only through `Downstream` and its settings through `ExchangeEnv`,
+never the whole server. It owns, until it ends, the route's bulkhead slot, the breaker permit,
+the upstream connection and the deadline; whatever way it ends (answered, failed, client gone,
+request broken), each is given back exactly once. What counts as a failure and the contract's
+answers come from `core.outcome`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from multidict import CIMultiDict
 
-from proxy import fastserver_wire as wire
+from proxy.core import outcome
 from proxy.core.breaker import Permit
-from proxy.fastserver_parse import LAST_CHUNK, RequestHead, ResponseHead, encode_chunk
 from proxy.core.headers import downstream_response_fields, upstream_request_head
+from proxy.core.messages import Answer, Request
+from proxy.core.outcome import Reason
+from proxy.fallbacks.base import FallbackContext
+from proxy.http import wire
+from proxy.http.body import BodyReader, SENT_UPSTREAM
+from proxy.http.deadlines import Deadlines
+from proxy.http.head import RequestHead, ResponseHead
+from proxy.http.upstream import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection, UpstreamPool
 from proxy.runtime.registry import RouteRuntime
-from proxy.upstream_pool import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection
-
-if TYPE_CHECKING:
-    from proxy.fastserver import ClientConnection, FastServer
 
 log = logging.getLogger(__name__)
 
@@ -35,66 +39,63 @@ log = logging.getLogger(__name__)
 WAITING, CONNECTING, SENT, STREAMING, FALLBACK, DONE = range(6)
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 _BODYLESS_DEFAULT = frozenset({b"POST", b"PUT", b"PATCH"})  # sent with Content-Length: 0
-_FAILED_BODY_HELD = 64 * 1024  # request body bytes held while no upstream connection is ready
+_HELD_BODY = 64 * 1024  # request body bytes held while no upstream connection is ready
+
+FallbackLog = Callable[[str, str, Request, int, str], None]
 
 
-class Deadlines:
-    """The upstream deadlines of the exchanges in flight, checked every `tick` seconds while
-    there are any. A per-call timer handle costs more to create and cancel than everything
-    else an exchange does in Python; a sweep over the calls in flight costs next to nothing,
-    and a route's timeout fires at most `tick` late."""
+class Downstream(Protocol):
+    """What an exchange may do to its client connection."""
 
-    __slots__ = ("_loop", "_tick", "_pending", "_handle")
+    peer_ip: bytes | None
+    writable: bool
+    lost: bool
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 0.01) -> None:
-        self._loop = loop
-        self._tick = tick
-        self._pending: set[Exchange] = set()
-        self._handle: asyncio.TimerHandle | None = None
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, data: list[bytes]) -> None: ...
+    def pause_reading(self, why: str) -> None: ...
+    def resume_reading(self, why: str) -> None: ...
+    def abort(self) -> None: ...
+    def can_discard(self) -> bool: ...
+    def exchange_done(self, exchange: Any, *, keep_alive: bool) -> None: ...
 
-    def add(self, exchange: Exchange, timeout_s: float) -> None:
-        exchange.deadline = self._loop.time() + timeout_s
-        self._pending.add(exchange)
-        if self._handle is None:
-            self._handle = self._loop.call_later(self._tick, self._sweep)
 
-    def discard(self, exchange: Exchange) -> None:
-        self._pending.discard(exchange)
+class ExchangeEnv:
+    """What every exchange of a server shares."""
 
-    def _sweep(self) -> None:
-        self._handle = None
-        now = self._loop.time()
-        due = [exchange for exchange in self._pending if exchange.deadline <= now]
-        for exchange in due:
-            self._pending.discard(exchange)
-            exchange.on_deadline()
-        if self._pending:
-            self._handle = self._loop.call_later(self._tick, self._sweep)
+    __slots__ = ("loop", "pool", "deadlines", "clock", "fallback_log", "draining", "scheme", "tls_for")
 
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._pending.clear()
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: UpstreamPool, deadlines: Deadlines,
+                 clock: Any, *, fallback_log: FallbackLog | None = None, scheme: bytes = b"http",
+                 tls_for: Callable[[RouteRuntime], Any] | None = None) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.deadlines = deadlines
+        self.clock = clock
+        self.fallback_log = fallback_log
+        self.draining = False
+        self.scheme = scheme
+        self.tls_for = tls_for  # the route's TLS context for an https upstream (None: default)
 
 
 class Exchange:
-    __slots__ = ("server", "client", "runtime", "head", "target", "upstream_target", "permit",
+    __slots__ = ("env", "client", "runtime", "head", "target", "upstream_target", "permit",
                  "started", "upstream", "deadline", "state", "status", "failed", "recorder",
                  "head_only", "client_chunked", "keep_alive", "out", "pending", "pending_size",
                  "request_done", "request_sent", "buffering", "buffered", "task", "retried",
-                 "holds_slot", "stream", "has_body", "view")
+                 "holds_slot", "reader", "has_body", "request")
 
-    def __init__(self, server: FastServer, client: ClientConnection, head: RequestHead,
+    def __init__(self, env: ExchangeEnv, client: Downstream, head: RequestHead,
                  runtime: RouteRuntime, target: bytes) -> None:
-        self.server = server
+        self.env = env
         self.client = client
         self.runtime = runtime
         self.head = head
         self.target = target  # path (after the service) and query, as sent
-        self.upstream_target = server.pool.target(runtime.upstream)
+        tls = env.tls_for(runtime) if env.tls_for is not None else None
+        self.upstream_target = env.pool.target(runtime.upstream, tls)
         self.permit: Permit | None = None
-        self.started = server.clock.monotonic()
+        self.started = env.clock.monotonic()
         self.upstream: UpstreamConnection | None = None
         self.deadline = 0.0  # loop.time() by which the upstream must have answered; 0: none
         self.state = WAITING
@@ -107,7 +108,7 @@ class Exchange:
         self.out: list[bytes] = []
         self.pending: list[bytes] = []  # request body read before an upstream connection was ready
         self.pending_size = 0
-        self.has_body = head.chunked or bool(head.content_length)
+        self.has_body = head.has_body
         self.request_done = not self.has_body  # the whole request body was read from the client
         self.request_sent = False  # ... and written upstream
         self.buffering = False  # reading the whole body first, for the fallback (§5)
@@ -115,10 +116,10 @@ class Exchange:
         self.task: asyncio.Task | None = None
         self.retried = False
         self.holds_slot = False
-        self.stream: Any = None  # body stream of a fallback's web.Request, fed from the client
-        self.view: Any = None
+        self.reader: BodyReader | None = None  # a fallback reading the body from the client
+        self.request: Request | None = None
 
-    # -- start: bulkhead, breaker, then the upstream -------------------------------------
+    # -- start: bulkhead, breaker, then the upstream ---------------------------------------
 
     def start(self) -> None:
         runtime = self.runtime
@@ -126,13 +127,13 @@ class Exchange:
             # Excess calls are rejected at once and are not the upstream's fault (§3).
             runtime.breaker.note_rejected()
             runtime.metrics.rejected.inc()
-            self._reject("bulkhead_full", None)
+            self._reject(Reason.BULKHEAD_FULL, None)
             return
         self.holds_slot = True
         permit = runtime.breaker.try_acquire()
         if permit is None:
             runtime.metrics.rejected.inc()
-            reason, retry_after = self.server.proxy.rejection(runtime)
+            reason, retry_after = outcome.rejection(runtime.breaker)
             self._reject(reason, retry_after)
             return
         self.permit = permit
@@ -148,34 +149,34 @@ class Exchange:
         self._go_upstream()
 
     def _go_upstream(self) -> None:
-        # The route's timeout covers connecting, sending and the whole response (as aiohttp's
-        # total timeout does), not the time a client takes to upload a body we buffer.
-        self.server.deadlines.add(self, self.runtime.timeout_s)
-        connection = self.server.pool.acquire(self.upstream_target)
+        # The route's timeout covers connecting, sending and the whole response, not the time
+        # a client takes to upload a body we buffer.
+        self.env.deadlines.add(self, self.runtime.timeout_s)
+        connection = self.env.pool.acquire(self.upstream_target)
         if connection is not None:
             self._send(connection)
         else:
             self.state = CONNECTING
-            self.task = self.server.loop.create_task(self._connect())
+            self.task = self.env.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
         runtime = self.runtime
         try:
-            connection = await self.server.pool.connect(self.upstream_target,
-                                                        runtime.timeout.connect or runtime.timeout_s)
+            connection = await self.env.pool.connect(self.upstream_target,
+                                                     runtime.connect_timeout_s or runtime.timeout_s)
         except TimeoutError:
             self.task = None
             if self.state == CONNECTING:
-                self._call_failed("timeout", False, "")  # never sent
+                self._call_failed(Reason.TIMEOUT, False, "")  # never sent
             return
         except OSError as exc:
             self.task = None
-            if self.state == CONNECTING:
-                self._call_failed("unreachable", False, str(exc))  # refused, DNS: never sent
+            if self.state == CONNECTING:  # refused, DNS, TLS: never sent
+                self._call_failed(Reason.UNREACHABLE, False, str(exc) or type(exc).__name__)
             return
         self.task = None
         if self.state != CONNECTING:  # the deadline passed or the client left meanwhile
-            self.server.pool.release(connection)
+            self.env.pool.release(connection)
             return
         self._send(connection)
 
@@ -189,47 +190,46 @@ class Exchange:
             framing = b"Transfer-Encoding: chunked\r\n"
         elif not self.has_body and head.content_length is None and head.method in _BODYLESS_DEFAULT:
             framing = b"Content-Length: 0\r\n"
-        client = self.client
         data = upstream_request_head(
             head.method, target.base_path + self.target, head.fields, head.connection_tokens,
-            host=target.host_header, client_ip=client.peer_ip, proto=b"http",
+            host=target.host_header, client_ip=self.client.peer_ip, proto=self.env.scheme,
             forwarded_host=head.host, framing=framing)
         if self.buffered is not None:
             data += self.buffered
         elif self.pending:
             data = b"".join([data, *self.pending])
             self.pending.clear()
-            if self.pending_size > _FAILED_BODY_HELD:
-                client.resume_reading("upstream")
+            if self.pending_size > _HELD_BODY:
+                self.client.resume_reading("upstream")
             self.pending_size = 0
         if self.request_done and head.chunked:
-            data += LAST_CHUNK
+            data += wire.LAST_CHUNK
         self.request_sent = self.request_done
         connection.send(self, data, head_only=self.head_only)
 
-    # -- the request body, from the client -----------------------------------------------
+    # -- the request body, from the client -------------------------------------------------
 
     def on_request_body(self, data: bytes) -> None:
-        if self.stream is not None:  # a fallback is reading the body
-            self.stream.feed_data(data)
+        if self.reader is not None:  # a fallback is reading the body
+            self.reader.feed(data)
             return
         connection = self.upstream
         if connection is not None and not self.buffering:  # sent (the answer may be streaming)
-            connection.write(encode_chunk(data) if self.head.chunked else data)
+            connection.write(wire.encode_chunk(data) if self.head.chunked else data)
             if not connection.writable:
                 self.client.pause_reading("upstream")
             return
         if self.state in (WAITING, CONNECTING) and self.permit is not None:
-            self.pending.append(encode_chunk(data) if self.head.chunked else data)
+            self.pending.append(wire.encode_chunk(data) if self.head.chunked else data)
             self.pending_size += len(data)
-            if self.pending_size > _FAILED_BODY_HELD and not self.buffering:
+            if self.pending_size > _HELD_BODY and not self.buffering:
                 self.client.pause_reading("upstream")
         # otherwise: the exchange has its answer already; the rest of the body is dropped
 
     def on_request_end(self) -> None:
         self.request_done = True
-        if self.stream is not None:
-            self.stream.feed_eof()
+        if self.reader is not None:
+            self.reader.end()
             return
         if self.buffering and self.state == WAITING and self.permit is not None:
             self.buffering = False
@@ -239,23 +239,30 @@ class Exchange:
             return
         if self.upstream is not None:
             if self.head.chunked:
-                self.upstream.write(LAST_CHUNK)
+                self.upstream.write(wire.LAST_CHUNK)
             self.request_sent = True
 
-    def on_request_too_large(self) -> None:
-        """A chunked body grew past max_body_bytes: the client's fault, not the upstream's."""
-        if self.state == DONE or self.state == FALLBACK:
+    def on_request_broken(self, status: int, answer: bytes) -> None:
+        """The request's framing broke (400) or its chunked body grew too large (413): the
+        client's fault, not the upstream's. An upstream that got part of it is cut off, so it
+        never sees a request that looks complete."""
+        if self.state == DONE:
             return
+        state = self.state
+        self.state = DONE
+        self._cancel_deadline()
+        self._cancel_task()
         self._drop_upstream()
         self._release_permit()
-        self._cancel_deadline()
-        if self.state == STREAMING:
-            self.state = DONE
-            self._leave()
-            self.client.abort()  # an answer is already under way: it cannot become a 413
+        self._leave()
+        if self.reader is not None:
+            self.reader.fail()
+        if state == STREAMING:
+            self.client.abort()  # an answer is already under way: it cannot become an error
             return
-        self.state = DONE
-        self._answer(wire.error_answer(413, "", self.server.limits), 413, False)
+        self.client.write(answer)
+        self.runtime.metrics.count_request(status, self.env.clock.monotonic() - self.started)
+        self.client.exchange_done(self, keep_alive=False)
 
     def on_upstream_writable(self, writable: bool) -> None:
         if writable:
@@ -263,13 +270,13 @@ class Exchange:
         else:
             self.client.pause_reading("upstream")
 
-    # -- the response, from the upstream -------------------------------------------------
+    # -- the response, from the upstream ---------------------------------------------------
 
     def on_response_head(self, head: ResponseHead, body_mode: int) -> None:
         self.state = STREAMING
         status = self.status = head.status
         runtime = self.runtime
-        self.failed = status in runtime.failure_statuses  # 4xx are the client's fault (§3)
+        self.failed = outcome.is_failure(status, runtime.failure_statuses)
         lines, has_date = downstream_response_fields(head.fields, head.connection_tokens,
                                                      keep_length=body_mode == LENGTH or body_mode == NO_BODY)
         lines.insert(0, wire.status_line(status, head.reason))
@@ -281,9 +288,9 @@ class Exchange:
                 self.keep_alive = False  # an HTTP/1.0 client reads to the close
         if not has_date:
             lines.append(wire.date_line())
-        if not self.request_done and not self.client.can_discard(self.head):
+        if not self.request_done and not self.client.can_discard():
             self.keep_alive = False
-        if self.keep_alive and self.server.draining:
+        if self.keep_alive and self.env.draining:
             self.keep_alive = False
         if not self.keep_alive:
             lines.append(b"Connection: close\r\n")
@@ -293,10 +300,10 @@ class Exchange:
         if fallback is not None and 200 <= status < 300:
             headers = CIMultiDict((name.decode("latin-1"), value.decode("latin-1"))
                                   for name, _, value in head.fields)
-            self.recorder = fallback.recorder(self.web_request(None), status, headers)
+            self.recorder = fallback.recorder(self.request_view(None), status, headers)
 
     def on_response_body(self, data: bytes) -> None:
-        self.out.append(encode_chunk(data) if self.client_chunked else data)
+        self.out.append(wire.encode_chunk(data) if self.client_chunked else data)
         if self.recorder is not None:
             self.recorder.feed(data)
 
@@ -319,8 +326,8 @@ class Exchange:
 
     def on_response_end(self) -> None:
         if self.client_chunked:
-            self.out.append(LAST_CHUNK)
-        self.upstream = None  # back in the pool, or closed (upstream_pool decides)
+            self.out.append(wire.LAST_CHUNK)
+        self.upstream = None  # back in the pool, or closed (the connection decides)
         self.flush()
         self.state = DONE
         self._cancel_deadline()
@@ -331,7 +338,7 @@ class Exchange:
         if self.recorder is not None and not self.failed:
             self.recorder.finish()
         self._leave()
-        runtime.metrics.count_request(self.status, self.server.clock.monotonic() - self.started)
+        runtime.metrics.count_request(self.status, self.env.clock.monotonic() - self.started)
         self.client.exchange_done(self, keep_alive=self.keep_alive)
 
     def on_upstream_lost(self, error: str, got_response_bytes: bool) -> None:
@@ -345,9 +352,9 @@ class Exchange:
                 # answered, and the request is safe to send again on a fresh one.
                 self.retried = True
                 self.state = CONNECTING
-                self.task = self.server.loop.create_task(self._connect())
+                self.task = self.env.loop.create_task(self._connect())
                 return
-            self._call_failed("unreachable", True, error)  # reset or broken mid-exchange
+            self._call_failed(Reason.UNREACHABLE, True, error)  # reset or broken mid-exchange
         elif state == STREAMING:
             self._broken()
 
@@ -356,10 +363,10 @@ class Exchange:
         state = self.state
         if state == CONNECTING or state == WAITING:
             self._cancel_task()
-            self._call_failed("timeout", False, "")
+            self._call_failed(Reason.TIMEOUT, False, "")
         elif state == SENT:
             self._drop_upstream()
-            self._call_failed("timeout", True, "")  # sent, then no answer in time: outcome unknown
+            self._call_failed(Reason.TIMEOUT, True, "")  # sent, then no answer in time: outcome unknown
         elif state == STREAMING:
             self._broken()
 
@@ -373,13 +380,13 @@ class Exchange:
         self.runtime.record(self.permit, failed=True)
         self.permit = None
         self._leave()
-        self.runtime.metrics.count_request(self.status, self.server.clock.monotonic() - self.started)
+        self.runtime.metrics.count_request(self.status, self.env.clock.monotonic() - self.started)
         self.out.clear()
         self.client.abort()
 
-    # -- failures and rejections: the contract's answers or the route's fallback ----------
+    # -- failures and rejections: the contract's answers or the route's fallback ------------
 
-    def _call_failed(self, reason: str, maybe_delivered: bool, detail: str) -> None:
+    def _call_failed(self, reason: Reason, maybe_delivered: bool, detail: str) -> None:
         """A call let through got no response: the fallback if it is safe, else 502 / 504 (§4)."""
         self._cancel_deadline()
         runtime = self.runtime
@@ -388,122 +395,123 @@ class Exchange:
         self.permit = None
         fallback = runtime.fallback
         if fallback is not None and fallback.on_failure:
-            self._start_fallback(reason, maybe_delivered, self.buffered, detail)
+            self._start_fallback(reason, maybe_delivered, detail)
             return
-        self.state = DONE
-        keep_alive = self._keep_alive_after_answer()
-        if reason == "timeout":
-            data = wire.upstream_timeout(runtime.name, runtime.timeout_s, keep_alive=keep_alive,
-                                         head_only=self.head_only)
-            status = 504
-        else:
-            data = wire.upstream_unreachable(runtime.name, detail or "connection failed",
-                                             keep_alive=keep_alive, head_only=self.head_only)
-            status = 502
-        self._answer(data, status, keep_alive)
+        self._answer_without_fallback(reason, detail)
 
-    def _reject(self, reason: str, retry_after: float | None) -> None:
-        runtime = self.runtime
-        if runtime.fallback is not None:
-            self._start_fallback(reason, False, None, "")
+    def _reject(self, reason: Reason, retry_after: float | None) -> None:
+        if self.runtime.fallback is not None:
+            self._start_fallback(reason, False, "")
             return
+        self._answer_without_fallback(reason, "", retry_after)
+
+    def _answer_without_fallback(self, reason: Reason, detail: str,
+                                 retry_after: float | None = None) -> None:
+        """The contract's answer for `reason` (§4)."""
         self.state = DONE
         keep_alive = self._keep_alive_after_answer()
-        if reason == "bulkhead_full":
-            data = wire.bulkhead_full(runtime.name, keep_alive=keep_alive, head_only=self.head_only)
-        else:
+        runtime = self.runtime
+        if reason in outcome.BREAKER_REJECTIONS:
+            if retry_after is None:
+                _, retry_after = outcome.rejection(runtime.breaker)
+            # The open path: its bytes are built from parts made once per breaker.
             data = wire.circuit_open(runtime.name, retry_after, keep_alive=keep_alive,
                                      head_only=self.head_only)
-        self._answer(data, 503, keep_alive)
+            self._answer(data, 503, keep_alive)
+            return
+        answer = outcome.without_fallback(reason, runtime.breaker, runtime.timeout_s, detail)
+        self._answer(wire.answer_bytes(answer, keep_alive=keep_alive, head_only=self.head_only),
+                     answer.status, keep_alive)
 
     def _answer(self, data: bytes, status: int, keep_alive: bool) -> None:
         self.client.write(data)
         self._leave()
-        self.runtime.metrics.count_request(status, self.server.clock.monotonic() - self.started)
+        self.runtime.metrics.count_request(status, self.env.clock.monotonic() - self.started)
         self.client.exchange_done(self, keep_alive=keep_alive)
 
     def _keep_alive_after_answer(self) -> bool:
         """Keep the connection when the rest of the request body can be read and dropped."""
-        if not self.keep_alive or self.server.draining:
+        if not self.keep_alive or self.env.draining:
             return False
         if self.request_done:
             return True
         if self.head.expect_continue and self.permit is None and not self.request_sent:
             return False  # the client may be waiting for 100 Continue that will not come
-        return self.client.can_discard(self.head)
+        return self.client.can_discard()
 
-    def _start_fallback(self, reason: str, maybe_delivered: bool, body: bytes | None, detail: str) -> None:
+    # -- fallbacks ---------------------------------------------------------------------------
+
+    def _start_fallback(self, reason: Reason, maybe_delivered: bool, detail: str) -> None:
         self.state = FALLBACK
-        if reason in ("unreachable", "timeout") or self.request_done:
-            request = self.web_request(body)
-        else:
-            # Rejected before the body was read: the fallback may read it from the client.
-            if self.head.expect_continue:
-                self.client.write(wire.CONTINUE)
-            request = self.web_request(None, streaming=True)
         self.pending.clear()
-        self.task = self.server.loop.create_task(self._fallback(request, reason, maybe_delivered, body, detail))
+        if reason in outcome.LET_THROUGH:
+            request = self.request_view(self.buffered if self.buffered is not None else None,
+                                        sent=self.buffered is None and self.has_body)
+        elif self.has_body and not self.request_done:
+            # Rejected before the body was read: the fallback may read it from the client.
+            self.reader = BodyReader(self._continue)
+            request = self.request_view(None, source=self.reader)
+        else:
+            request = self.request_view(None)
+        self.task = self.env.loop.create_task(self._fallback(request, reason, maybe_delivered, detail))
 
-    async def _fallback(self, request: Any, reason: str, maybe_delivered: bool, body: bytes | None,
-                        detail: str) -> None:
+    def _continue(self) -> None:
+        """A fallback started to read a body the client waits to send (Expect: 100-continue)."""
+        if self.head.expect_continue and self.permit is None and not self.client.lost:
+            self.client.write(wire.CONTINUE)
+
+    async def _fallback(self, request: Request, reason: Reason, maybe_delivered: bool, detail: str) -> None:
         runtime = self.runtime
-        proxy = self.server.proxy
+        fallback = runtime.fallback
+        assert fallback is not None
+        view = runtime.breaker.view()
+        answer: Answer | None
         try:
-            response = await proxy._fallback(request, runtime, reason, maybe_delivered, body)  # noqa: SLF001
+            answer = await fallback.serve(request, FallbackContext(view, reason, maybe_delivered,
+                                                                   self.buffered))
         except Exception:
             log.exception("fallback of %s failed", runtime.name)
-            response = None
+            answer = None
         finally:
             self.task = None
         if self.state != FALLBACK:
-            return  # the client left meanwhile
-        self.state = DONE
-        self.stream = None
-        keep_alive = self._keep_alive_after_answer()
-        if response is None:
-            if reason == "bulkhead_full":
-                data = wire.bulkhead_full(runtime.name, keep_alive=keep_alive, head_only=self.head_only)
-                status = 503
-            elif reason == "timeout":
-                data = wire.upstream_timeout(runtime.name, runtime.timeout_s, keep_alive=keep_alive,
-                                             head_only=self.head_only)
-                status = 504
-            elif reason == "unreachable":
-                data = wire.upstream_unreachable(runtime.name, detail or "connection failed",
-                                                 keep_alive=keep_alive, head_only=self.head_only)
-                status = 502
-            else:
-                _, retry_after = proxy.rejection(runtime)
-                data = wire.circuit_open(runtime.name, retry_after, keep_alive=keep_alive,
-                                         head_only=self.head_only)
-                status = 503
-        else:
-            data = await wire.web_response_bytes(response, keep_alive=keep_alive, head_only=self.head_only)
-            status = response.status
-        if self.client.lost:
-            self._leave()
+            return  # the client left, or broke its request, meanwhile
+        self.reader = None
+        if answer is None:
+            self._answer_without_fallback(reason, detail)
             return
-        self._answer(data, status, keep_alive)
+        self.state = DONE
+        answer.headers["X-Circuit-Breaker"] = runtime.name
+        answer.headers["X-Circuit-State"] = view.state.value
+        answer.headers["X-Fallback"] = fallback.type
+        if runtime.metrics.fallback is not None:
+            runtime.metrics.fallback.inc()
+        if self.env.fallback_log is not None:
+            self.env.fallback_log(runtime.name, fallback.type, request, answer.status, reason.value)
+        keep_alive = self._keep_alive_after_answer()
+        self._answer(wire.answer_bytes(answer, keep_alive=keep_alive, head_only=self.head_only),
+                     answer.status, keep_alive)
 
-    def web_request(self, body: bytes | None, *, streaming: bool = False) -> Any:
-        server = self.server
-        client = self.client
-        if self.view is None:
-            self.view = wire.ProtocolView(client)
-        if streaming:
-            from aiohttp.streams import StreamReader  # noqa: PLC0415
-            self.stream = payload = StreamReader(self.view, 2**16, loop=server.loop)
-        else:
-            payload = wire.body_stream(self.view, body, server.loop)
-        return wire.web_request(self.head, self.view, payload, server.loop, app=server.app,
-                                route=server.catch_all, max_body_bytes=server.max_body_bytes)
+    def request_view(self, body: bytes | None, *, source: Any = None, sent: bool = False) -> Request:
+        """The request as a fallback sees it (built only when one is asked)."""
+        request = self.request
+        if request is None:
+            head = self.head
+            headers = CIMultiDict((name.decode("latin-1"), value.decode("latin-1"))
+                                  for name, _, value in head.fields)
+            peer = self.client.peer_ip
+            request = self.request = Request(
+                head.method.decode("ascii"), head.target.decode("latin-1"), headers,
+                client_ip=peer.decode() if peer else None, scheme=self.env.scheme.decode())
+        if body is not None:
+            request.body = body
+        elif sent:
+            request.source = SENT_UPSTREAM
+        elif source is not None:
+            request.source = source
+        return request
 
-    @property
-    def under_way(self) -> bool:
-        """Some of the answer may have been written already."""
-        return self.state == STREAMING or self.state == DONE
-
-    # -- the client went away ------------------------------------------------------------
+    # -- the client went away ---------------------------------------------------------------
 
     def on_client_lost(self) -> None:
         """Neither success nor failure (§3): the permit goes back, the slot is freed."""
@@ -515,8 +523,15 @@ class Exchange:
         self._drop_upstream()
         self._release_permit()
         self._leave()
+        if self.reader is not None:
+            self.reader.fail()
 
-    # -- bookkeeping ----------------------------------------------------------------------
+    @property
+    def under_way(self) -> bool:
+        """Some of the answer may have been written already."""
+        return self.state == STREAMING or self.state == DONE
+
+    # -- bookkeeping -------------------------------------------------------------------------
 
     def _release_permit(self) -> None:
         if self.permit is not None:
@@ -531,7 +546,7 @@ class Exchange:
     def _cancel_deadline(self) -> None:
         if self.deadline:
             self.deadline = 0.0
-            self.server.deadlines.discard(self)
+            self.env.deadlines.discard(self)
 
     def _cancel_task(self) -> None:
         if self.task is not None:
@@ -542,4 +557,3 @@ class Exchange:
         connection, self.upstream = self.upstream, None
         if connection is not None:
             connection.close()
-

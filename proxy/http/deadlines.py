@@ -1,0 +1,53 @@
+"""The upstream deadlines of the calls in flight, swept every `tick` seconds while there are any.
+
+A timer handle per call costs more to create and cancel than everything else an exchange does
+in Python; a sweep over the calls in flight costs next to nothing, and a route's timeout fires
+at most `tick` late. Anything with a `deadline` attribute (loop time) and an `on_deadline()`
+method can be registered: client exchanges and replay calls alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+
+class HasDeadline(Protocol):
+    deadline: float
+
+    def on_deadline(self) -> None: ...
+
+
+class Deadlines:
+    __slots__ = ("_loop", "_tick", "_pending", "_handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 0.01) -> None:
+        self._loop = loop
+        self._tick = tick
+        self._pending: set[HasDeadline] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, call: HasDeadline, timeout_s: float) -> None:
+        call.deadline = self._loop.time() + timeout_s
+        self._pending.add(call)
+        if self._handle is None:
+            self._handle = self._loop.call_later(self._tick, self._sweep)
+
+    def discard(self, call: HasDeadline) -> None:
+        self._pending.discard(call)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        now = self._loop.time()
+        due = [call for call in self._pending if call.deadline <= now]
+        for call in due:
+            self._pending.discard(call)
+            call.on_deadline()
+        if self._pending:
+            self._handle = self._loop.call_later(self._tick, self._sweep)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._pending.clear()
