@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -24,6 +25,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpResponsePars
 from proxy.http.head import HttpError, ResponseHead
 
 MAX_RESPONSE_HEAD = 64 * 1024
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 # How a response body is delimited.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
@@ -249,10 +251,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
+        """Mid-call: nothing more of it may be sent or read. The connection is reset, not
+        closed, so that an upstream reading a request to the end of the stream never takes
+        what it got for a complete request."""
         self.call = None
         if not self.closed and self.transport is not None:
             self.closed = True
-            self.transport.abort()  # mid-call: nothing more of it may be sent or read
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                except OSError:
+                    pass  # already gone
+            self.transport.abort()
 
     def _finish(self, call: Call) -> None:
         self._complete = False
