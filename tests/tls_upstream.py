@@ -8,6 +8,9 @@ Holds test-only keys and certificates, made fresh per use and written only where
         ca_file = write_ca(ca, tmp_path / "shop-ca.pem")
         ...                                                  # GET /stock/SKU-001 → 200
         assert [(r.method, r.path) for r in upstream.requests] == [("GET", "/stock/SKU-001")]
+        assert upstream.connections == 1                     # TLS connections that carried them
+
+`POST /charges` with a JSON body answers 201 with a charge (for queue replay over TLS).
 
 Mutual TLS: `TlsUpstream(ca, require_client_cert=True)` refuses clients without a certificate
 signed by `client_ca` (default: `ca`); `write_client_cert(ca, folder)` makes one for the proxy.
@@ -36,6 +39,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     client_names: tuple[str, ...]  # the client certificate's subjectAltName values; () without one
+    connection: int = 0  # which TLS connection carried it: 1, 2, … in the order they were first used
 
 
 def write_ca(ca: trustme.CA, path: Path) -> Path:
@@ -56,7 +60,8 @@ def write_client_cert(ca: trustme.CA, folder: Path, name: str = "circuit-proxy.t
 
 
 class TlsUpstream:
-    """An aiohttp HTTPS server on 127.0.0.1:<free port> answering `GET /stock/<sku>`.
+    """An aiohttp HTTPS server on 127.0.0.1:<free port> answering `GET /stock/<sku>` and
+    `POST /charges`.
 
     The server certificate is issued by `ca` for `names` (default "localhost" and
     "127.0.0.1"); pass other names to test a host name mismatch. Every request, answered or
@@ -70,6 +75,8 @@ class TlsUpstream:
         self.require_client_cert = require_client_cert
         self.client_ca = client_ca or self.ca
         self.requests: list[Received] = []
+        # Transport → its number; the transports are kept so that no id is reused meanwhile.
+        self._connections: dict[int, tuple[object, int]] = {}
         self.host = "127.0.0.1"
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -78,6 +85,11 @@ class TlsUpstream:
     def url(self) -> str:
         """The base URL for a config's `upstream`."""
         return f"https://{self.host}:{self.port}"
+
+    @property
+    def connections(self) -> int:
+        """How many TLS connections carried at least one request."""
+        return len(self._connections)
 
     def write_ca(self, path: Path) -> Path:
         return write_ca(self.ca, path)
@@ -115,10 +127,19 @@ class TlsUpstream:
     async def _handle(self, request: web.Request) -> web.Response:
         peer = request.transport.get_extra_info("peercert") if request.transport else None
         names = tuple(value for _, value in (peer or {}).get("subjectAltName", ()))
-        self.requests.append(Received(request.method, request.path_qs, dict(request.headers),
-                                      await request.read(), names))
+        transport = request.transport
+        key = id(transport)
+        if key not in self._connections:
+            self._connections[key] = (transport, len(self._connections) + 1)
+        body = await request.read()
+        self.requests.append(Received(request.method, request.path_qs, dict(request.headers), body,
+                                      names, self._connections[key][1]))
         sku = request.path.removeprefix("/stock/")
         if request.method == "GET" and request.path.startswith("/stock/") and sku in STOCK:
             return web.Response(text=json.dumps(STOCK[sku]), content_type="application/json")
+        if request.method == "POST" and request.path == "/charges":
+            charge = {"id": f"ch-{len(self.requests)}", "status": "succeeded",
+                      "idempotency_key": request.headers.get("Idempotency-Key"), **json.loads(body or b"{}")}
+            return web.Response(status=201, text=json.dumps(charge), content_type="application/json")
         return web.Response(status=404, text=json.dumps({"error": "not found"}),
                             content_type="application/json")

@@ -3,7 +3,8 @@
 The only module that reads the config file and `os.environ`. It composes the document with
 `yaml.SafeLoader` (no tags that build objects), walks the nodes with their key paths so each
 problem names `file:line: key.path: message`, applies `defaults` → service → route
-inheritance and the seed's environment overrides, and collects every problem before raising.
+inheritance and the seed's environment overrides (the layering itself: `config/policy.py`),
+and collects every problem before raising.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ from proxy.config.model import (
     AlertSettings,
     FallbackSpec,
     Match,
-    Policy,
     Route,
     ServerSettings,
     Service,
@@ -31,22 +31,16 @@ from proxy.config.model import (
     StorageSettings,
     TlsSettings,
     Webhook,
-    WindowSpec,
 )
 from proxy.config.nodes import (
     MISSING, Ctx, is_null, join, mapping, scalar, section_values, unknown_keys,
 )
 from proxy.config.values import (
-    POLICY_VALUES, Invalid, boolean, choice, events, file_name, http_url, integer, methods,
-    number, path_prefix, regex, text,
+    boolean, choice, events, file_name, http_url, integer, methods, number, path_prefix, regex, text,
 )
 from proxy.config.fallback_options import FALLBACK_TYPES, validate_fallback_options
+from proxy.config.policy import Layer, effective_policy, env_layer, policy_layer
 
-ENV_OVERRIDES: dict[str, str] = {
-    "CIRCUIT_BREAKER_FAILURE_THRESHOLD": "failure_threshold",
-    "CIRCUIT_BREAKER_TIMEOUT": "open_timeout_ms",
-    "CIRCUIT_BREAKER_SUCCESS_THRESHOLD": "success_threshold",
-}
 RESERVED_SERVICE_NAMES = frozenset({"status", "status.json", "metrics", "healthz", "admin"})
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -58,102 +52,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@dataclass(slots=True)
-class _Layer:
-    """Policy values set at one level, with where each was set (for cross-key errors)."""
-
-    values: dict[str, Any]
-    nodes: dict[str, tuple[yaml.Node | None, str]]
-
-
-def _policy_layer(ctx: Ctx, entries: Mapping[str, tuple[yaml.Node, yaml.Node]], path: str) -> _Layer:
-    layer = _Layer({}, {})
-    for key in POLICY_KEYS:
-        if key not in entries:
-            continue
-        key_node, value_node = entries[key]
-        key_path = join(path, key)
-        value = (_window(ctx, value_node, key_path) if key == "window"
-                 else scalar(ctx, value_node, key_path, POLICY_VALUES[key]))
-        if value is not MISSING:
-            layer.values[key] = value
-            layer.nodes[key] = (value_node, key_path)
-    return layer
-
-
-def _window(ctx: Ctx, node: yaml.Node, path: str) -> WindowSpec | object:
-    entries = mapping(ctx, node, path)
-    if entries is None:
-        return MISSING
-    unknown_keys(ctx, entries, ("type", "size", "seconds"), path)
-    kind = "count"
-    if "type" in entries:
-        kind = scalar(ctx, entries["type"][1], f"{path}.type", choice("count", "time"))
-        if kind is MISSING:
-            return MISSING
-    wrong = "seconds" if kind == "count" else "size"
-    if wrong in entries:
-        ctx.report(entries[wrong][0], f"{path}.{wrong}", f"not used by a {kind} window")
-        return MISSING
-    amount_key, default, maximum = ("size", 20, 100_000) if kind == "count" else ("seconds", 30, 3600)
-    amount = default
-    if amount_key in entries:
-        amount = scalar(ctx, entries[amount_key][1], f"{path}.{amount_key}", integer(1, maximum))
-        if amount is MISSING:
-            return MISSING
-    if kind == "count":
-        return WindowSpec(type="count", size=amount, seconds=None)
-    return WindowSpec(type="time", size=None, seconds=amount)
-
-
-def _env_layer(ctx: Ctx, environ: Mapping[str, str]) -> _Layer:
-    layer = _Layer({}, {})
-    for name, key in ENV_OVERRIDES.items():
-        raw = environ.get(name)
-        if raw is None or raw.strip() == "":
-            continue
-        try:
-            value = POLICY_VALUES[key](int(raw.strip()))
-        except ValueError:
-            ctx.problems.append(f"env {name}: defaults.{key}: not an integer: {raw!r}")
-            continue
-        except Invalid as exc:
-            ctx.problems.append(f"env {name}: defaults.{key}: {exc}")
-            continue
-        layer.values[key] = value
-        layer.nodes[key] = (None, f"env {name}")
-    return layer
-
-
-def _effective_policy(ctx: Ctx, layers: list[_Layer]) -> Policy:
-    """Merge layers (lowest first) and check the keys that constrain each other."""
-    values: dict[str, Any] = {}
-    origin: dict[str, tuple[yaml.Node | None, str]] = {}
-    for layer in layers:
-        values.update(layer.values)
-        origin.update(layer.nodes)
-    policy = replace(Policy(), **values)
-    if "max_open_timeout_ms" not in values and policy.open_timeout_ms > policy.max_open_timeout_ms:
-        # Only an explicit cap can conflict; an implicit one follows the open timeout.
-        policy = replace(policy, max_open_timeout_ms=policy.open_timeout_ms)
-    if policy.max_open_timeout_ms < policy.open_timeout_ms:
-        node, path = origin["max_open_timeout_ms"]
-        ctx.report(node, path, f"{policy.max_open_timeout_ms} is smaller than "
-                               f"open_timeout_ms ({policy.open_timeout_ms})")
-    if policy.window.type == "count" and policy.window.size < policy.minimum_calls:
-        # Blame whichever of the two keys was written later (the more specific level).
-        window_node, window_path = origin.get("window", (None, "defaults.window"))
-        calls_node, calls_path = origin.get("minimum_calls", (None, "defaults.minimum_calls"))
-        if window_node is not None and (calls_node is None or
-                                        window_node.start_mark.line >= calls_node.start_mark.line):
-            ctx.report(window_node, f"{window_path}.size", f"{policy.window.size} is smaller than "
-                                                           f"minimum_calls ({policy.minimum_calls})")
-        else:
-            ctx.report(calls_node, calls_path, f"{policy.minimum_calls} is larger than the window "
-                                               f"size ({policy.window.size})")
-    return policy
 
 
 # --- sections -----------------------------------------------------------------------------
@@ -295,7 +193,7 @@ def _file_problem(file: Path) -> str | None:
         return f"cannot check ({exc.strerror})"
 
 
-def _routes(ctx: Ctx, service: str, node: yaml.Node | None, path: str, policy_layers: list[_Layer],
+def _routes(ctx: Ctx, service: str, node: yaml.Node | None, path: str, policy_layers: list[Layer],
             fallback_dir: Path | None) -> tuple[Route, ...]:
     entries = mapping(ctx, node, path) if node is not None else {}
     if entries is None:
@@ -317,8 +215,8 @@ def _routes(ctx: Ctx, service: str, node: yaml.Node | None, path: str, policy_la
         fallback = None
         if "fallback" in route_entries:
             fallback = _fallback(ctx, route_entries["fallback"][1], f"{route_path}.fallback", fallback_dir)
-        layer = _policy_layer(ctx, route_entries, route_path)
-        policy = _effective_policy(ctx, [*policy_layers, layer])
+        layer = policy_layer(ctx, route_entries, route_path)
+        policy = effective_policy(ctx, [*policy_layers, layer])
         route = Route(service=service, name=name, match=match if name != "default" else Match(),
                       policy=policy, fallback=fallback)
         routes.append(route)
@@ -326,11 +224,11 @@ def _routes(ctx: Ctx, service: str, node: yaml.Node | None, path: str, policy_la
     routes.sort(key=lambda r: r.name == "default")
     if not routes or routes[-1].name != "default":
         routes.append(Route(service=service, name="default", match=Match(),
-                            policy=_effective_policy(ctx, policy_layers)))
+                            policy=effective_policy(ctx, policy_layers)))
     return tuple(routes)
 
 
-def _services(ctx: Ctx, node: yaml.Node | None, base_layers: list[_Layer],
+def _services(ctx: Ctx, node: yaml.Node | None, base_layers: list[Layer],
               fallback_dir: Path | None, config_dir: Path) -> tuple[Service, ...]:
     if node is None:
         return ()
@@ -359,7 +257,7 @@ def _services(ctx: Ctx, node: yaml.Node | None, base_layers: list[_Layer],
             if upstream is not MISSING and not upstream.lower().startswith("https://"):
                 # Settings that cannot apply are a mistake, not something to ignore (§1a).
                 ctx.report(tls_key, f"{path}.tls", f"tls needs an https upstream, got {upstream!r}")
-        layers = [*base_layers, _policy_layer(ctx, service_entries, path)]
+        layers = [*base_layers, policy_layer(ctx, service_entries, path)]
         routes_node = service_entries.get("routes", (None, None))[1]
         routes = _routes(ctx, name, routes_node, f"{path}.routes", layers, fallback_dir)
         if upstream is not MISSING and tls is not MISSING:
@@ -404,15 +302,15 @@ def parse_settings(text: str, *, source: str, environ: Mapping[str, str] | None 
     storage = _build(StorageSettings, section_values(ctx, section("storage"), "storage", _STORAGE_SCHEMA))
     admin = _build(AdminSettings, section_values(ctx, section("admin"), "admin", _ADMIN_SCHEMA))
     alerts = _alerts(ctx, section("alerts"))
-    defaults_layer = _Layer({}, {})
+    defaults_layer = Layer({}, {})
     if section("defaults") is not None:
         defaults_entries = mapping(ctx, section("defaults"), "defaults")
         if defaults_entries is not None:
             unknown_keys(ctx, defaults_entries, POLICY_KEYS, "defaults")
-            defaults_layer = _policy_layer(ctx, defaults_entries, "defaults")
+            defaults_layer = policy_layer(ctx, defaults_entries, "defaults")
     # Precedence (§1a): route > service > environment > defaults > built-in.
-    base_layers = [defaults_layer, _env_layer(ctx, environ)]
-    _effective_policy(ctx, base_layers)
+    base_layers = [defaults_layer, env_layer(ctx, environ)]
+    effective_policy(ctx, base_layers)
     config_dir = config_path.resolve().parent if config_path else Path.cwd()
     services = _services(ctx, section("services"), base_layers, fallback_dir, config_dir)
     if not entries.get("services") and not ctx.problems:

@@ -15,6 +15,7 @@ from typing import Any
 from proxy.core.outcome import Reason, UpstreamReply
 from proxy.http.deadlines import Deadlines
 from proxy.http.head import ResponseHead
+from proxy.http.tls import connect_error
 from proxy.http.upstream import UpstreamConnection, UpstreamPool
 
 MAX_BODY = 64 * 1024  # what is kept of a reply's body; the rest is read and dropped
@@ -89,7 +90,7 @@ class UpstreamClient:
                 return UpstreamReply(None, reason=Reason.TIMEOUT, sent=False, detail="connect timed out")
             except OSError as exc:  # refused, DNS, TLS: never sent
                 return UpstreamReply(None, reason=Reason.UNREACHABLE, sent=False,
-                                     detail=f"{type(exc).__name__}: {exc}")
+                                     detail=connect_error(exc))
         lines = [f"{method} ".encode(), where.base_path, target.encode("latin-1"),
                  b" HTTP/1.1\r\nHost: ", where.host_header, b"\r\n"]
         for name, value in headers:

@@ -30,6 +30,7 @@ from proxy.http import wire
 from proxy.http.body import BodyReader, SENT_UPSTREAM
 from proxy.http.deadlines import Deadlines
 from proxy.http.head import RequestHead, ResponseHead
+from proxy.http.tls import connect_error
 from proxy.http.upstream import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection, UpstreamPool
 from proxy.runtime.registry import RouteRuntime
 
@@ -172,7 +173,7 @@ class Exchange:
         except OSError as exc:
             self.task = None
             if self.state == CONNECTING:  # refused, DNS, TLS: never sent
-                self._call_failed(Reason.UNREACHABLE, False, str(exc) or type(exc).__name__)
+                self._call_failed(Reason.UNREACHABLE, False, connect_error(exc))
             return
         self.task = None
         if self.state != CONNECTING:  # the deadline passed or the client left meanwhile

@@ -94,3 +94,13 @@ def _reason(exc: BaseException) -> str:
         return exc.strerror
     return str(exc)
 
+
+
+def connect_error(exc: OSError) -> str:
+    """What a client's 502 says about a connection that could not be made: the reason, not
+    where in OpenSSL's or CPython's sources it was found."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: certificate verify failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or type(exc).__name__}"
+    return str(exc) or type(exc).__name__
