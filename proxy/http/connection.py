@@ -124,7 +124,10 @@ class ClientConnection(asyncio.Protocol):
             cause = exc.__context__
             error = cause if isinstance(cause, HttpError) else HttpError(400, "bad request")
         except HttpParserError as exc:
-            error = HttpError(400, f"malformed request: {exc}")
+            if str(exc) == "Invalid HTTP version":  # llhttp knows only 0.9, 1.x and 2.0 (HTTP/3.0)
+                error = HttpError(505, "HTTP version not supported")
+            else:
+                error = HttpError(400, f"malformed request: {exc}")
         finally:
             self._feeding = False
         if error is not None:
