@@ -77,7 +77,8 @@ class UpstreamTarget:
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "target", "transport", "call", "parser", "reused", "got_bytes", "closed",
                  "idle_since", "_head_only", "_fields", "_reason", "_head_size", "_in_head",
-                 "_informational", "_mode", "_keep_alive", "_complete", "_extra", "_write_paused")
+                 "_informational", "_mode", "_keep_alive", "_complete", "_extra", "_write_paused",
+                 "_left", "_raw")
 
     def __init__(self, pool: UpstreamPool, target: UpstreamTarget) -> None:
         self.pool = pool
@@ -100,6 +101,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete = False  # the response ended during this read
         self._extra = False  # bytes came that belong to no response we asked for
         self._write_paused = False
+        self._left = 0  # body bytes still to come (Content-Length)
+        self._raw = False  # counting the rest of a Content-Length body without llhttp
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -138,6 +141,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        if self._raw:
+            self._raw_body(call, data)
+            return
         error: str | None = None
         try:
             self.parser.feed_data(data)
@@ -154,13 +160,34 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._complete:
             self._finish(call)
-        else:
+            return
+        if self._mode == LENGTH and not self._in_head and self._left:
+            # The head was llhttp's to read; what is left of a Content-Length body is only
+            # counted, and handed on as it came (llhttp would copy every byte of it). The
+            # parser is replaced before the next response.
+            self._raw = True
+        call.flush()
+
+    def _raw_body(self, call: Call, data: bytes) -> None:
+        left = self._left
+        if len(data) < left:
+            self._left = left - len(data)
+            call.on_response_body(data)
             call.flush()
+            return
+        if len(data) > left:
+            self._extra = True  # bytes past the response: not at a message boundary
+            data = data[:left]
+        self._left = 0
+        self._raw = False
+        self.parser = HttpResponseParser(self)
+        call.on_response_body(data)
+        self._finish(call)
 
     # -- llhttp callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._complete:
+        if self._complete or self._raw:
             self._extra = True  # a second response to one request
         self._fields = []
         self._reason = b""
@@ -200,6 +227,7 @@ class UpstreamConnection(asyncio.Protocol):
             mode = UNTIL_CLOSE
             self._keep_alive = False
         self._mode = mode
+        self._left = head.content_length or 0
         self._in_head = False
         self.call.on_response_head(head, mode)
         if self._head_only:
@@ -211,6 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._complete or self.call is None:
             self._extra = True
             return
+        self._left -= len(body)
         self.call.on_response_body(body)
 
     def on_message_complete(self) -> None:
@@ -230,6 +259,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_head = True
         self._complete = False
         self._extra = False
+        self._raw = False
         self.got_bytes = False
         assert self.transport is not None
         self.transport.write(data)
