@@ -19,6 +19,26 @@ class WindowSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """`retry` (§3b): extra attempts for a failed call, bounded by a budget."""
+
+    attempts: int = 0  # extra attempts after the first; 0 = off
+    backoff_ms: int = 25  # before retry n: uniform(0, backoff_ms × 2^(n-1)) ms ("full jitter")
+    budget_percent: float = 20.0  # retries over 10 s ≤ this share of the route's requests
+    max_body_bytes: int = 65_536  # request bodies held for a retry; larger ones are not retried
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeSpec:
+    """`probe`: the proxy's own half-open trial call, so customers are never the trial."""
+
+    path: str  # on the upstream (after its base path), e.g. /health
+    method: str = "GET"
+    interval_ms: int = 1000  # between probes while half-open (and after a failed one)
+    expect_status: frozenset[int] = frozenset({200})  # a probe succeeds only with one of these
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
     """Every per-route breaker and call setting (the `defaults` keys of §1a)."""
 
@@ -32,12 +52,18 @@ class Policy:
     window: WindowSpec = field(default_factory=WindowSpec)
     minimum_calls: int = 10
     failure_rate_threshold: float = 50.0
-    slow_call_duration_ms: int = 2000
+    slow_call_duration_ms: int | Literal["auto"] = 2000  # "auto": learned (§3a)
+    auto_slow_factor: float = 4.0  # auto threshold = factor × p99 of recent successful calls
+    auto_slow_floor_ms: int = 10  # ... never below this, nor above timeout_ms
+    max_slow_in_flight: int = 0  # open (slow_in_flight) when this many calls are past the
+                                 # slow threshold at once; 0 = off
     slow_call_rate_threshold: float = 100.0
     failure_statuses: frozenset[int] = frozenset({500, 502, 503, 504})
     timeout_ms: int = 5000
     connect_timeout_ms: int = 1000
     max_concurrent: int = 100
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    probe: ProbeSpec | None = None  # None: the next customer request is the half-open trial
 
 
 POLICY_KEYS: tuple[str, ...] = tuple(Policy.__dataclass_fields__)

@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 
 ALERT_EVENTS = frozenset({"open", "close", "half_open", "forced_open", "forced_closed", "disabled"})
 _METHOD = re.compile(r"[A-Z]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2: what a method may be
+_REQUEST_TARGET = re.compile(r"/[\x21-\x7e]*")  # printable ASCII, no space: one request line
+AUTO = "auto"  # slow_call_duration_ms: learned from the route's own latency (§3a)
 
 
 class Invalid(Exception):
@@ -31,10 +34,13 @@ def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[
 
 
 def number(minimum: float | None = None, maximum: float | None = None, *,
-            below: float | None = None) -> Callable[[Any], float]:
+            below: float | None = None, above: float | None = None) -> Callable[[Any], float]:
     def check(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # NaN (YAML .nan) passes every comparison below, so it is refused by name.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise Invalid(f"not a number: {value!r}")
+        if above is not None and value <= above:
+            raise Invalid(f"must be > {above:g}, got {value:g}")
         if minimum is not None and value < minimum:
             raise Invalid(f"must be ≥ {minimum:g}, got {value:g}")
         if maximum is not None and value > maximum:
@@ -76,6 +82,39 @@ def statuses(value: Any) -> frozenset[int]:
     for status in value:
         integer(100, 599)(status)
     return frozenset(value)
+
+
+def status_or_statuses(value: Any) -> frozenset[int]:
+    """One status code or a non-empty list of them (`probe.expect_status`)."""
+    return frozenset({integer(100, 599)(value)}) if not isinstance(value, list) else statuses(value)
+
+
+def slow_duration(value: Any) -> int | str:
+    """`slow_call_duration_ms`: milliseconds ≥ 1, or `auto` (§3a)."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"not an integer or '{AUTO}': {value!r}")
+    return integer(1)(value)
+
+
+def token(value: Any) -> str:
+    """An HTTP method as sent: a token (RFC 9110), case kept since methods are case-sensitive."""
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise Invalid(f"not an HTTP method (a token): {value!r}")
+    return value
+
+
+def request_path(value: Any) -> str:
+    """A path (and optional query) to send as is: starts with '/', no space, control or '#'."""
+    string = text(value)
+    if not string.startswith("/"):
+        raise Invalid(f"must start with '/': {string!r}")
+    if not _REQUEST_TARGET.fullmatch(string) or "#" in string:
+        raise Invalid(f"must be printable ASCII without spaces or '#': {string!r}")
+    if any(segment in (".", "..") for segment in string.split("?", 1)[0].split("/")):
+        raise Invalid(f"must not contain dot-segments: {string!r}")
+    return string
 
 
 def http_url(value: Any) -> str:
@@ -143,7 +182,10 @@ POLICY_VALUES: dict[str, Callable[[Any], Any]] = {
     "half_open_max_calls": integer(1),
     "minimum_calls": integer(1),
     "failure_rate_threshold": number(0.0, 100.0),
-    "slow_call_duration_ms": integer(1),
+    "slow_call_duration_ms": slow_duration,
+    "auto_slow_factor": number(above=1.0),
+    "auto_slow_floor_ms": integer(1),
+    "max_slow_in_flight": integer(0),
     "slow_call_rate_threshold": number(0.0, 100.0),
     "failure_statuses": statuses,
     "timeout_ms": integer(1),
@@ -151,4 +193,16 @@ POLICY_VALUES: dict[str, Callable[[Any], Any]] = {
     "max_concurrent": integer(0),
 }
 
-
+# The keys of the `retry` and `probe` mappings (§3b); policy.py walks the mappings.
+RETRY_VALUES: dict[str, Callable[[Any], Any]] = {
+    "attempts": integer(0, 10),
+    "backoff_ms": integer(0),
+    "budget_percent": number(0.0, 100.0),
+    "max_body_bytes": integer(0),
+}
+PROBE_VALUES: dict[str, Callable[[Any], Any]] = {
+    "path": request_path,
+    "method": token,
+    "interval_ms": integer(10),
+    "expect_status": status_or_statuses,
+}

@@ -6,6 +6,13 @@ read in `try_acquire`, one in `record`, plus one wall read when (rarely) a trans
 open → half_open is applied lazily by whoever looks next (a call, `state`, `view`), so
 readers see half_open as soon as `retry_at` has passed.
 
+§3a hang detection: whoever watches calls in flight (the exchange's deadline sweep) calls
+`mark_slow` once a call crosses `slow_threshold_s()`; `max_slow_in_flight` such calls at once
+open a closed breaker without waiting for any of them to end. With a `probe` configured, a
+half-open breaker's trials are the prober's (`try_acquire_trial`), never a customer's.
+Split along seams: the data types live in `core/breaker_view.py`, the transition table and
+the listener fan-out in `core/transitions.py`, the slow threshold in `core/slow.py`.
+
 Not thread-safe: one event loop owns each breaker. Listeners are called synchronously on
 every transition and must not block (metrics set gauges; storage, alerts, status enqueue).
 """
@@ -15,87 +22,24 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from proxy.core.breaker_view import (ALL_STATES, WAITING_FOR_PROBE, WAITING_FOR_TRIAL_REQUEST,
+                                     BreakerView, Permit, State, Transition)
 from proxy.core.clock import Clock
-from proxy.core.window import CountWindow, TimeWindow, WindowCounts, make_window
+from proxy.core.slow import SlowThreshold
+from proxy.core.transitions import REASONS, Listener, Notifier, is_allowed
+from proxy.core.window import CountWindow, TimeWindow, make_window
 
 if TYPE_CHECKING:
     from proxy.config.model import Policy
 
+__all__ = [  # the data types are re-exported: callers import them all from here
+    "ALL_STATES", "REASONS", "WAITING_FOR_PROBE", "WAITING_FOR_TRIAL_REQUEST", "Breaker",
+    "BreakerView", "Listener", "Permit", "State", "Transition",
+]
+
 log = logging.getLogger(__name__)
-
-
-class State(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-    FORCED_OPEN = "forced_open"
-    FORCED_CLOSED = "forced_closed"
-    DISABLED = "disabled"
-
-
-ALL_STATES: tuple[State, ...] = tuple(State)
-
-_ANY = frozenset(State)
-_MANUAL = frozenset({State.FORCED_OPEN, State.FORCED_CLOSED, State.DISABLED})
-
-# reason → (states it may leave, states it may enter). Anything else is a bug in this module.
-_ALLOWED: dict[str, tuple[frozenset[State], frozenset[State]]] = {
-    "consecutive_failures": (frozenset({State.CLOSED}), frozenset({State.OPEN})),
-    "failure_rate": (frozenset({State.CLOSED}), frozenset({State.OPEN})),
-    "slow_call_rate": (frozenset({State.CLOSED}), frozenset({State.OPEN})),
-    "half_open_failure": (frozenset({State.HALF_OPEN}), frozenset({State.OPEN})),
-    "open_timeout_elapsed": (frozenset({State.OPEN}), frozenset({State.HALF_OPEN})),
-    "success_threshold": (frozenset({State.HALF_OPEN}), frozenset({State.CLOSED})),
-    "forced": (_ANY, _MANUAL),  # force_open, force_closed, disable
-    "reset": (_ANY, frozenset({State.CLOSED})),
-    "restored": (_ANY, _ANY),  # start-up: whatever was stored (§6)
-}
-REASONS: tuple[str, ...] = tuple(_ALLOWED)
-
-
-@dataclass(frozen=True, slots=True)
-class Permit:
-    generation: int  # breaker generation when the call was let through
-    started: float  # clock.monotonic() at that moment
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    breaker: str
-    from_state: State
-    to_state: State
-    at_wall: float
-    reason: str  # one of REASONS
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BreakerView:
-    """One consistent reading of a breaker: what status.json, metrics and fallbacks show."""
-
-    name: str
-    state: State
-    failure_rate: float | None  # 0..1 over the window; None below minimum_calls
-    slow_call_rate: float | None  # 0..1 over the window; None below minimum_calls
-    window: WindowCounts
-    consecutive_failures: int
-    calls_success: int  # cumulative since start or the last reset (stale results included)
-    calls_failure: int
-    calls_rejected: int  # open / forced_open / half-open full, plus bulkhead rejections
-    slow_calls: int  # cumulative, whatever the slow-rate threshold
-    opened_at_wall: float | None  # open, half_open (when it last opened), forced_open
-    retry_at_wall: float | None  # only while open
-    retry_after: float | None  # seconds until half_open; only while open
-    half_open_in_flight: int
-    open_count: int  # opens since the breaker was last closed; drives the backoff
-
-
-Listener = Callable[[Transition], None]
 
 
 def _check_policy(policy: Policy) -> None:
@@ -110,28 +54,10 @@ def _check_policy(policy: Policy) -> None:
 
 class Breaker:
     __slots__ = (
-        "_calls_failure",
-        "_calls_rejected",
-        "_calls_success",
-        "_clock",
-        "_consecutive_failures",
-        "_consecutive_successes",
-        "_generation",
-        "_half_open_in_flight",
-        "_listeners",
-        "_name",
-        "_notifying",
-        "_open_count",
-        "_opened_at_wall",
-        "_pending",
-        "_policy",
-        "_retry_at",
-        "_retry_at_wall",
-        "_rng",
-        "_slow_calls",
-        "_slow_s",
-        "_state",
-        "_window",
+        "_calls_failure", "_calls_rejected", "_calls_success", "_clock", "_consecutive_failures",
+        "_consecutive_successes", "_generation", "_half_open_in_flight", "_name", "_notifier",
+        "_open_count", "_opened_at_wall", "_policy", "_retry_at", "_retry_at_wall", "_rng",
+        "_slow", "_slow_calls", "_slow_in_flight", "_state", "_window",
     )
 
     def __init__(
@@ -142,11 +68,9 @@ class Breaker:
         self._policy = policy
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
-        self._listeners: list[Listener] = []
-        self._pending: deque[Transition] = deque()
-        self._notifying = False
+        self._notifier = Notifier(log)
         self._window: CountWindow | TimeWindow = make_window(policy.window)
-        self._slow_s = policy.slow_call_duration_ms / 1000  # units converted once
+        self._slow = SlowThreshold(policy)
         self._state = State.CLOSED
         self._generation = 0
         self._consecutive_failures = 0
@@ -156,6 +80,7 @@ class Breaker:
         self._calls_failure = 0
         self._calls_rejected = 0
         self._slow_calls = 0
+        self._slow_in_flight = 0  # §3a: current-generation calls marked slow, not yet ended
         self._open_count = 0
         self._retry_at = math.inf  # monotonic; finite only while open
         self._retry_at_wall: float | None = None
@@ -178,10 +103,10 @@ class Breaker:
         return self._state
 
     def add_listener(self, fn: Listener) -> None:
-        self._listeners.append(fn)
+        self._notifier.add(fn)
 
     def remove_listener(self, fn: Listener) -> None:
-        self._listeners.remove(fn)
+        self._notifier.remove(fn)
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -196,7 +121,10 @@ class Breaker:
             self._move_to(State.HALF_OPEN, now, "open_timeout_elapsed")
             state = self._state  # a listener may have moved it on again
         if state is State.HALF_OPEN:
-            if self._half_open_in_flight >= self._policy.half_open_max_calls:
+            # With a probe, the trials are the prober's (try_acquire_trial): customers keep
+            # getting the fallback until the probes have closed it.
+            if (self._policy.probe is not None
+                    or self._half_open_in_flight >= self._policy.half_open_max_calls):
                 self._calls_rejected += 1
                 return None
             self._half_open_in_flight += 1
@@ -205,22 +133,61 @@ class Breaker:
             return None
         return Permit(self._generation, now)
 
-    def record(self, permit: Permit, *, failed: bool) -> float:
+    def try_acquire_trial(self) -> Permit | None:
+        """A half-open trial permit for the prober, or None (not half-open, or no free slot).
+
+        Applies the lazy open → half_open itself, so the prober may call it as soon as the
+        open period ends. A None here is not a rejection: no customer was turned away.
+        """
+        now = self._clock.monotonic()
+        self._advance(now)
+        if (self._state is not State.HALF_OPEN
+                or self._half_open_in_flight >= self._policy.half_open_max_calls):
+            return None
+        self._half_open_in_flight += 1
+        return Permit(self._generation, now)
+
+    def slow_threshold_s(self) -> float:
+        """Seconds after which a call is slow (§3a): fixed, or learned with `auto`."""
+        return self._slow.seconds
+
+    def mark_slow(self, permit: Permit) -> None:
+        """A call still in flight has just crossed `slow_threshold_s()`; once per call (§3a).
+
+        It is slow from now on, not when it ends: counted here, and its `record` or `release`
+        must then say `marked_slow=True` so it is neither counted again nor left in flight.
+        """
+        self._slow_calls += 1
+        if permit.generation != self._generation:
+            return  # began before the last transition: the count in flight is not its business
+        self._slow_in_flight += 1
+        limit = self._policy.max_slow_in_flight
+        # §3a: N calls hanging at once open it now, without waiting for any of them to end;
+        # they keep running. Half-open trials have their own rule: only their outcome counts.
+        if self._state is State.CLOSED and 0 < limit <= self._slow_in_flight:
+            self._move_to(State.OPEN, self._clock.monotonic(), "slow_in_flight")
+
+    def record(self, permit: Permit, *, failed: bool, marked_slow: bool = False) -> float:
         """The outcome of a permitted call; returns its duration in seconds."""
         now = self._clock.monotonic()
         duration = now - permit.started
-        slow = duration >= self._slow_s  # §3: slow means at least slow_call_duration_ms
+        # §3: slow means at least the threshold; §3a: a call marked slow while in flight was
+        # slow, and counted, already (a threshold learned meanwhile cannot undo that).
+        slow = marked_slow or duration >= self._slow.seconds
         if failed:
             self._calls_failure += 1
         else:
             self._calls_success += 1
-        if slow:
+        if slow and not marked_slow:
             self._slow_calls += 1
+        self._slow.note(duration, failed=failed, now=now)
         if permit.generation != self._generation:
             # The call began before the last transition: it happened (so the cumulative
             # counters above hold it) but it describes the upstream as it was then and must
             # not close, re-open or trip the breaker now.
             return duration
+        if marked_slow and self._slow_in_flight > 0:
+            self._slow_in_flight -= 1
         state = self._state
         if state is State.HALF_OPEN:
             if self._half_open_in_flight > 0:  # a permit recorded twice frees one slot only
@@ -245,13 +212,13 @@ class Breaker:
                 self._move_to(State.OPEN, now, reason)
         return duration
 
-    def release(self, permit: Permit) -> None:
+    def release(self, permit: Permit, *, marked_slow: bool = False) -> None:
         """The client left before the upstream answered: neither success nor failure (§3)."""
-        if (
-            permit.generation == self._generation
-            and self._state is State.HALF_OPEN
-            and self._half_open_in_flight > 0
-        ):
+        if permit.generation != self._generation:
+            return
+        if marked_slow and self._slow_in_flight > 0:
+            self._slow_in_flight -= 1  # it stays counted in slow_calls: it was slow (§3a)
+        if self._state is State.HALF_OPEN and self._half_open_in_flight > 0:
             self._half_open_in_flight -= 1
 
     def note_rejected(self) -> None:
@@ -294,9 +261,11 @@ class Breaker:
         """Back to automatic operation in closed: counts, window and backoff cleared."""
         self._calls_success = self._calls_failure = self._calls_rejected = 0
         self._slow_calls = 0
+        self._slow.reset()  # a fresh start forgets the learned latency too
         if self._state is State.CLOSED:
             # Not a transition, but calls in flight belong to the time before the reset.
             self._generation += 1
+            self._slow_in_flight = 0
             self._window.reset()
             self._consecutive_failures = 0
             self._open_count = 0
@@ -313,10 +282,14 @@ class Breaker:
         counts = self._window.counts(now)
         p = self._policy
         enough = counts.calls > 0 and counts.calls >= p.minimum_calls
-        is_open = self._state is State.OPEN
+        state = self._state
+        is_open = state is State.OPEN
+        waiting_for = None
+        if state is State.HALF_OPEN:
+            waiting_for = WAITING_FOR_TRIAL_REQUEST if p.probe is None else WAITING_FOR_PROBE
         return BreakerView(
             name=self._name,
-            state=self._state,
+            state=state,
             failure_rate=counts.failures / counts.calls if enough else None,
             slow_call_rate=counts.slow / counts.calls if enough else None,
             window=counts,
@@ -330,6 +303,9 @@ class Breaker:
             retry_after=self._retry_at - now if is_open else None,
             half_open_in_flight=self._half_open_in_flight,
             open_count=self._open_count,
+            slow_threshold_ms=self._slow.seconds * 1000,
+            slow_in_flight=self._slow_in_flight,
+            waiting_for=waiting_for,
         )
 
     def retry_after(self) -> float | None:
@@ -429,8 +405,7 @@ class Breaker:
         opened_at_wall: float | None = None,
     ) -> None:
         frm = self._state
-        sources, targets = _ALLOWED[reason]
-        if frm is to or frm not in sources or to not in targets:
+        if not is_allowed(frm, to, reason):
             raise RuntimeError(f"breaker {self._name}: {frm} -> {to} ({reason}) is not allowed")
         if wall is None:
             wall = self._clock.wall()
@@ -440,6 +415,7 @@ class Breaker:
         self._consecutive_failures = 0
         self._consecutive_successes = 0
         self._half_open_in_flight = 0
+        self._slow_in_flight = 0  # those calls are stale now: they never touch it again
         if to is State.OPEN:
             if remaining is None:
                 # k = re-opens since last closed: 0 on the first open, +1 per half_open failure.
@@ -463,28 +439,4 @@ class Breaker:
                     self._opened_at_wall = opened_at_wall
             else:  # forced_closed, disabled: the window is kept, failure_rate stays visible
                 self._opened_at_wall = None
-        self._notify(Transition(self._name, frm, to, wall, reason))
-
-    def _notify(self, transition: Transition) -> None:
-        # A listener that reads or moves the breaker may cause another transition; queue it
-        # so every listener sees every transition, in order.
-        self._pending.append(transition)
-        if self._notifying:
-            return
-        self._notifying = True
-        try:
-            while self._pending:
-                t = self._pending.popleft()
-                for fn in tuple(self._listeners):
-                    try:
-                        fn(t)
-                    except Exception:
-                        log.exception(
-                            "transition listener %r failed: breaker=%s from_state=%s to_state=%s",
-                            fn,
-                            t.breaker,
-                            t.from_state,
-                            t.to_state,
-                        )
-        finally:
-            self._notifying = False
+        self._notifier.notify(Transition(self._name, frm, to, wall, reason))

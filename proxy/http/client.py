@@ -25,7 +25,8 @@ _DROP = frozenset({"host", "content-length", "transfer-encoding", "connection", 
 class _Call:
     """One request and its reply, reported by an `UpstreamConnection`."""
 
-    __slots__ = ("future", "connection", "status", "chunks", "size", "request_sent", "deadline")
+    __slots__ = ("future", "connection", "status", "chunks", "size", "request_sent", "deadline",
+                 "slow_at")
 
     def __init__(self, future: asyncio.Future[UpstreamReply]) -> None:
         self.future = future
@@ -35,6 +36,7 @@ class _Call:
         self.size = 0
         self.request_sent = True  # the whole request goes in one write
         self.deadline = 0.0
+        self.slow_at = 0.0  # replay does not judge slowness in flight
 
     def _settle(self, reply: UpstreamReply) -> None:
         if not self.future.done():
@@ -60,6 +62,9 @@ class _Call:
         pass
 
     def flush(self) -> None:
+        pass
+
+    def on_slow(self) -> None:
         pass
 
     def on_deadline(self) -> None:

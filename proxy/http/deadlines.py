@@ -2,8 +2,10 @@
 
 A timer handle per call costs more to create and cancel than everything else an exchange does
 in Python; a sweep over the calls in flight costs next to nothing, and a route's timeout fires
-at most `tick` late. Anything with a `deadline` attribute (loop time) and an `on_deadline()`
-method can be registered: client exchanges and replay calls alike.
+at most `tick` late. Anything with `deadline` and `slow_at` attributes (loop time; 0: none)
+and `on_deadline()` / `on_slow()` methods can be registered: client exchanges and replay
+calls alike. `slow_at` is when a call in flight becomes slow (§3a): the same sweep sees it,
+so hang detection costs no timer either.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Protocol
 
 class HasDeadline(Protocol):
     deadline: float
+    slow_at: float
 
     def on_deadline(self) -> None: ...
+    def on_slow(self) -> None: ...
 
 
 class Deadlines:
@@ -27,8 +31,11 @@ class Deadlines:
         self._pending: set[HasDeadline] = set()
         self._handle: asyncio.TimerHandle | None = None
 
-    def add(self, call: HasDeadline, timeout_s: float) -> None:
-        call.deadline = self._loop.time() + timeout_s
+    def add(self, call: HasDeadline, timeout_s: float, slow_s: float = 0.0) -> None:
+        """`call.on_deadline()` in `timeout_s`, and `call.on_slow()` in `slow_s` if sooner."""
+        now = self._loop.time()
+        call.deadline = now + timeout_s
+        call.slow_at = now + slow_s if 0.0 < slow_s < timeout_s else 0.0
         self._pending.add(call)
         if self._handle is None:
             self._handle = self._loop.call_later(self._tick, self._sweep)
@@ -39,7 +46,16 @@ class Deadlines:
     def _sweep(self) -> None:
         self._handle = None
         now = self._loop.time()
-        due = [call for call in self._pending if call.deadline <= now]
+        due = []
+        slow = []
+        for call in self._pending:
+            if call.deadline <= now:
+                due.append(call)
+            elif 0.0 < call.slow_at <= now:
+                slow.append(call)
+        for call in slow:
+            call.slow_at = 0.0
+            call.on_slow()
         for call in due:
             self._pending.discard(call)
             call.on_deadline()

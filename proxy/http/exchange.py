@@ -8,13 +8,16 @@ An exchange sees its client only through `Downstream` and its settings through `
 never the whole server. It owns, until it ends, the route's bulkhead slot, the breaker permit,
 the upstream connection and the deadline; whatever way it ends (answered, failed, client gone,
 request broken), each is given back exactly once. What counts as a failure and the contract's
-answers come from `core.outcome`.
+answers come from `core.outcome`; what a call without an upstream answer gets instead is in
+`answering` (fallbacks, contract answers), and when it is tried again in `retrying` (§3b).
+A call still in flight at the slow threshold is marked slow by the deadline sweep (§3a).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,22 +26,24 @@ from multidict import CIMultiDict
 from proxy.core import outcome
 from proxy.core.breaker import Permit
 from proxy.core.headers import downstream_response_fields, upstream_request_head
-from proxy.core.messages import Answer, Request
+from proxy.core.messages import Request
 from proxy.core.outcome import Reason
-from proxy.fallbacks.base import FallbackContext
 from proxy.http import wire
-from proxy.http.body import BodyReader, SENT_UPSTREAM
+from proxy.http.body import BodyReader
 from proxy.http.deadlines import Deadlines
 from proxy.http.head import RequestHead, ResponseHead
 from proxy.http.tls import connect_error
+from proxy.http.answering import Answering
+from proxy.http.retrying import Retrying
 from proxy.http.upstream import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection, UpstreamPool
 from proxy.runtime.registry import RouteRuntime
 
 log = logging.getLogger(__name__)
 
-# Exchange states
-WAITING, CONNECTING, SENT, STREAMING, FALLBACK, DONE = range(6)
-_RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+# Exchange states (RETRY_WAIT: backing off before the next attempt, §3b)
+WAITING, CONNECTING, SENT, STREAMING, FALLBACK, DONE, RETRY_WAIT = range(7)
+_RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # a stale pooled connection, resent
+_IN_FLIGHT = (CONNECTING, SENT, STREAMING)
 _BODYLESS_DEFAULT = frozenset({b"POST", b"PUT", b"PATCH"})  # sent with Content-Length: 0
 _HELD_BODY = 64 * 1024  # request body bytes held while no upstream connection is ready
 
@@ -64,7 +69,8 @@ class Downstream(Protocol):
 class ExchangeEnv:
     """What every exchange of a server shares."""
 
-    __slots__ = ("loop", "pool", "deadlines", "clock", "fallback_log", "draining", "scheme", "tls_for")
+    __slots__ = ("loop", "pool", "deadlines", "clock", "fallback_log", "draining", "scheme", "tls_for",
+                 "rng")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: UpstreamPool, deadlines: Deadlines,
                  clock: Any, *, fallback_log: FallbackLog | None = None, scheme: bytes = b"http",
@@ -77,14 +83,16 @@ class ExchangeEnv:
         self.draining = False
         self.scheme = scheme
         self.tls_for = tls_for  # the route's TLS context for an https upstream (None: default)
+        self.rng = random.Random()  # retry backoff jitter
 
 
-class Exchange:
+class Exchange(Answering, Retrying):
     __slots__ = ("env", "client", "runtime", "head", "target", "upstream_target", "permit",
                  "started", "upstream", "deadline", "state", "status", "failed", "recorder",
                  "head_only", "client_chunked", "keep_alive", "out", "pending", "pending_size",
                  "request_done", "request_sent", "buffering", "buffered", "task", "retried",
-                 "holds_slot", "reader", "has_body", "request")
+                 "holds_slot", "reader", "has_body", "request", "slow_at", "marked_slow",
+                 "attempt", "retryable")
 
     def __init__(self, env: ExchangeEnv, client: Downstream, head: RequestHead,
                  runtime: RouteRuntime, target: bytes) -> None:
@@ -119,11 +127,19 @@ class Exchange:
         self.holds_slot = False
         self.reader: BodyReader | None = None  # a fallback reading the body from the client
         self.request: Request | None = None
+        self.slow_at = 0.0  # loop.time() at which the call in flight becomes slow (§3a); 0: none
+        self.marked_slow = False  # ... and it has (counted once)
+        self.attempt = 0  # retries made (§3b)
+        self.retryable = False
 
     # -- start: bulkhead, breaker, then the upstream ---------------------------------------
 
     def start(self) -> None:
         runtime = self.runtime
+        retry = runtime.retry
+        if retry is not None:
+            runtime.retry_budget.note_request(self.started)  # type: ignore[union-attr]
+            self.retryable = self._may_be_retried(retry)
         if not runtime.bulkhead.try_enter():
             # Excess calls are rejected at once and are not the upstream's fault (§3).
             runtime.breaker.note_rejected()
@@ -142,17 +158,20 @@ class Exchange:
         length = self.head.content_length
         if self.head.expect_continue and self.has_body:
             self.client.write(wire.CONTINUE)
-        if (fallback is not None and fallback.on_failure and fallback.buffer_request_bytes
-                and length and length <= fallback.buffer_request_bytes):
-            # The fallback must be able to store this body if the call fails (§5).
+        if length and ((fallback is not None and fallback.on_failure and fallback.buffer_request_bytes
+                        and length <= fallback.buffer_request_bytes) or self.retryable):
+            # The fallback must be able to store this body if the call fails (§5), or a
+            # retry to send it again (§3b).
             self.buffering = True
             return  # continues in on_request_end
         self._go_upstream()
 
     def _go_upstream(self) -> None:
         # The route's timeout covers connecting, sending and the whole response, not the time
-        # a client takes to upload a body we buffer.
-        self.env.deadlines.add(self, self.runtime.timeout_s)
+        # a client takes to upload a body we buffer. The same sweep tells when the call
+        # becomes slow while still in flight (§3a).
+        runtime = self.runtime
+        self.env.deadlines.add(self, runtime.timeout_s, runtime.breaker.slow_threshold_s())
         connection = self.env.pool.acquire(self.upstream_target)
         if connection is not None:
             self._send(connection)
@@ -274,10 +293,15 @@ class Exchange:
     # -- the response, from the upstream ---------------------------------------------------
 
     def on_response_head(self, head: ResponseHead, body_mode: int) -> None:
-        self.state = STREAMING
         status = self.status = head.status
         runtime = self.runtime
         self.failed = outcome.is_failure(status, runtime.failure_statuses)
+        if self.failed and self.retryable:
+            # Judged now, before anything of this answer reaches the client (§3b).
+            self._record_attempt(True)
+            if self._retry(True):
+                return  # the next attempt's answer is the one the client gets
+        self.state = STREAMING
         lines, has_date = downstream_response_fields(head.fields, head.connection_tokens,
                                                      keep_length=body_mode == LENGTH or body_mode == NO_BODY)
         lines.insert(0, wire.status_line(status, head.reason))
@@ -295,6 +319,8 @@ class Exchange:
             self.keep_alive = False
         if not self.keep_alive:
             lines.append(b"Connection: close\r\n")
+        if runtime.retry is not None:
+            lines.append(b"X-Retry-Count: %d\r\n" % self.attempt)
         lines.append(b"\r\n")
         self.out.append(b"".join(lines))
         fallback = runtime.fallback
@@ -333,9 +359,7 @@ class Exchange:
         self.state = DONE
         self._cancel_deadline()
         runtime = self.runtime
-        assert self.permit is not None
-        runtime.record(self.permit, failed=self.failed)
-        self.permit = None
+        self._record_attempt(self.failed)
         if self.recorder is not None and not self.failed:
             self.recorder.finish()
         self._leave()
@@ -359,10 +383,18 @@ class Exchange:
         elif state == STREAMING:
             self._broken()
 
+    def on_slow(self) -> None:
+        """The call is still in flight at the slow threshold: slow from now on (§3a)."""
+        if self.state in _IN_FLIGHT and self.permit is not None and not self.marked_slow:
+            self.marked_slow = True
+            self.runtime.mark_slow(self.permit)
+
     def on_deadline(self) -> None:
         self.deadline = 0.0
         state = self.state
-        if state == CONNECTING or state == WAITING:
+        if state == RETRY_WAIT:
+            self._go_upstream()  # the backoff is over: the next attempt
+        elif state == CONNECTING or state == WAITING:
             self._cancel_task()
             self._call_failed(Reason.TIMEOUT, False, "")
         elif state == SENT:
@@ -377,140 +409,11 @@ class Exchange:
         self._drop_upstream()
         self.state = DONE
         self._cancel_deadline()
-        assert self.permit is not None
-        self.runtime.record(self.permit, failed=True)
-        self.permit = None
+        self._record_attempt(True)
         self._leave()
         self.runtime.metrics.count_request(self.status, self.env.clock.monotonic() - self.started)
         self.out.clear()
         self.client.abort()
-
-    # -- failures and rejections: the contract's answers or the route's fallback ------------
-
-    def _call_failed(self, reason: Reason, maybe_delivered: bool, detail: str) -> None:
-        """A call let through got no response: the fallback if it is safe, else 502 / 504 (§4)."""
-        self._cancel_deadline()
-        runtime = self.runtime
-        assert self.permit is not None
-        runtime.record(self.permit, failed=True)
-        self.permit = None
-        fallback = runtime.fallback
-        if fallback is not None and fallback.on_failure:
-            self._start_fallback(reason, maybe_delivered, detail)
-            return
-        self._answer_without_fallback(reason, detail)
-
-    def _reject(self, reason: Reason, retry_after: float | None) -> None:
-        if self.runtime.fallback is not None:
-            self._start_fallback(reason, False, "")
-            return
-        self._answer_without_fallback(reason, "", retry_after)
-
-    def _answer_without_fallback(self, reason: Reason, detail: str,
-                                 retry_after: float | None = None) -> None:
-        """The contract's answer for `reason` (§4)."""
-        self.state = DONE
-        keep_alive = self._keep_alive_after_answer()
-        runtime = self.runtime
-        if reason in outcome.BREAKER_REJECTIONS:
-            if retry_after is None:
-                _, retry_after = outcome.rejection(runtime.breaker)
-            # The open path: its bytes are built from parts made once per breaker.
-            data = wire.circuit_open(runtime.name, retry_after, keep_alive=keep_alive,
-                                     head_only=self.head_only)
-            self._answer(data, 503, keep_alive)
-            return
-        answer = outcome.without_fallback(reason, runtime.breaker, runtime.timeout_s, detail)
-        self._answer(wire.answer_bytes(answer, keep_alive=keep_alive, head_only=self.head_only),
-                     answer.status, keep_alive)
-
-    def _answer(self, data: bytes, status: int, keep_alive: bool) -> None:
-        self.client.write(data)
-        self._leave()
-        self.runtime.metrics.count_request(status, self.env.clock.monotonic() - self.started)
-        self.client.exchange_done(self, keep_alive=keep_alive)
-
-    def _keep_alive_after_answer(self) -> bool:
-        """Keep the connection when the rest of the request body can be read and dropped."""
-        if not self.keep_alive or self.env.draining:
-            return False
-        if self.request_done:
-            return True
-        if self.head.expect_continue and self.permit is None and not self.request_sent:
-            return False  # the client may be waiting for 100 Continue that will not come
-        return self.client.can_discard()
-
-    # -- fallbacks ---------------------------------------------------------------------------
-
-    def _start_fallback(self, reason: Reason, maybe_delivered: bool, detail: str) -> None:
-        self.state = FALLBACK
-        self.pending.clear()
-        if reason in outcome.LET_THROUGH:
-            request = self.request_view(self.buffered if self.buffered is not None else None,
-                                        sent=self.buffered is None and self.has_body)
-        elif self.has_body and not self.request_done:
-            # Rejected before the body was read: the fallback may read it from the client.
-            self.reader = BodyReader(self._continue)
-            request = self.request_view(None, source=self.reader)
-        else:
-            request = self.request_view(None)
-        self.task = self.env.loop.create_task(self._fallback(request, reason, maybe_delivered, detail))
-
-    def _continue(self) -> None:
-        """A fallback started to read a body the client waits to send (Expect: 100-continue)."""
-        if self.head.expect_continue and self.permit is None and not self.client.lost:
-            self.client.write(wire.CONTINUE)
-
-    async def _fallback(self, request: Request, reason: Reason, maybe_delivered: bool, detail: str) -> None:
-        runtime = self.runtime
-        fallback = runtime.fallback
-        assert fallback is not None
-        view = runtime.breaker.view()
-        answer: Answer | None
-        try:
-            answer = await fallback.serve(request, FallbackContext(view, reason, maybe_delivered,
-                                                                   self.buffered))
-        except Exception:
-            log.exception("fallback of %s failed", runtime.name)
-            answer = None
-        finally:
-            self.task = None
-        if self.state != FALLBACK:
-            return  # the client left, or broke its request, meanwhile
-        self.reader = None
-        if answer is None:
-            self._answer_without_fallback(reason, detail)
-            return
-        self.state = DONE
-        answer.headers["X-Circuit-Breaker"] = runtime.name
-        answer.headers["X-Circuit-State"] = view.state.value
-        answer.headers["X-Fallback"] = fallback.type
-        if runtime.metrics.fallback is not None:
-            runtime.metrics.fallback.inc()
-        if self.env.fallback_log is not None:
-            self.env.fallback_log(runtime.name, fallback.type, request, answer.status, reason.value)
-        keep_alive = self._keep_alive_after_answer()
-        self._answer(wire.answer_bytes(answer, keep_alive=keep_alive, head_only=self.head_only),
-                     answer.status, keep_alive)
-
-    def request_view(self, body: bytes | None, *, source: Any = None, sent: bool = False) -> Request:
-        """The request as a fallback sees it (built only when one is asked)."""
-        request = self.request
-        if request is None:
-            head = self.head
-            headers = CIMultiDict((name.decode("latin-1"), value.decode("latin-1"))
-                                  for name, _, value in head.fields)
-            peer = self.client.peer_ip
-            request = self.request = Request(
-                head.method.decode("ascii"), head.target.decode("latin-1"), headers,
-                client_ip=peer.decode() if peer else None, scheme=self.env.scheme.decode())
-        if body is not None:
-            request.body = body
-        elif sent:
-            request.source = SENT_UPSTREAM
-        elif source is not None:
-            request.source = source
-        return request
 
     # -- the client went away ---------------------------------------------------------------
 
@@ -534,9 +437,19 @@ class Exchange:
 
     # -- bookkeeping -------------------------------------------------------------------------
 
+    def _record_attempt(self, failed: bool) -> None:
+        """The outcome of the attempt under way, to the breaker and metrics (once)."""
+        permit, self.permit = self.permit, None
+        if permit is None:
+            return  # recorded already, when it was judged for a retry
+        self.runtime.record(permit, failed=failed, marked_slow=self.marked_slow)
+        self.marked_slow = False
+        if self.attempt:
+            self._count_retry("failure" if failed else "success")
+
     def _release_permit(self) -> None:
         if self.permit is not None:
-            self.runtime.breaker.release(self.permit)
+            self.runtime.release(self.permit, marked_slow=self.marked_slow)
             self.permit = None
 
     def _leave(self) -> None:

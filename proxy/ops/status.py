@@ -127,6 +127,9 @@ def breaker_entry(runtime: RouteRuntime) -> dict[str, Any]:
         "calls": {"success": view.calls_success, "failure": view.calls_failure,
                   "rejected": view.calls_rejected},
         "slow_calls": view.slow_calls,
+        "slow_in_flight": view.slow_in_flight,  # calls in flight past the slow threshold (§3a)
+        "slow_threshold_ms": round(view.slow_threshold_ms, 3),  # fixed, or learned (auto)
+        "waiting_for": view.waiting_for,  # half-open: "probe" or "trial_request"
         "opened_at": iso(view.opened_at_wall),
         "retry_at": iso(view.retry_at_wall),
         "retry_after": view.retry_after,

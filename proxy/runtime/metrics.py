@@ -12,6 +12,7 @@ from prometheus_client import ProcessCollector, PlatformCollector, generate_late
 from proxy.config.fallback_options import FALLBACK_TYPES as FALLBACK_KINDS
 from proxy.core.breaker import ALL_STATES, State, Transition
 
+RETRY_RESULTS = ("success", "failure", "budget_exhausted", "rejected")
 _CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -46,6 +47,9 @@ class Metrics:
                                         ["queue"], registry=r)
         self.queue_replayed = Counter("fallback_queue_replayed_total", "Queue replay attempts by result",
                                       ["queue", "result"], registry=r)
+        self.retries = Counter("circuit_breaker_retries_total",
+                               "Retries wanted after a failed attempt, by what became of them (§3b)",
+                               ["breaker", "result"], registry=r)
         self.requests = Counter("proxy_requests_total", "Requests answered by the proxy",
                                 ["breaker", "code"], registry=r)
         self.request_duration = Histogram("proxy_request_duration_seconds",
@@ -63,8 +67,8 @@ class Metrics:
                                              "Live-status events a slow client did not get",
                                              registry=r)
 
-    def for_breaker(self, breaker: str, fallback: str | None) -> BreakerMetrics:
-        return BreakerMetrics(self, breaker, fallback)
+    def for_breaker(self, breaker: str, fallback: str | None, *, retries: bool = False) -> BreakerMetrics:
+        return BreakerMetrics(self, breaker, fallback, retries)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -94,9 +98,11 @@ class BreakerMetrics:
     """The children of one breaker, resolved once."""
 
     __slots__ = ("_metrics", "name", "_states", "success", "failure", "rejected", "slow",
-                 "call_duration", "failure_rate", "fallback", "request_duration", "_codes", "_removed")
+                 "call_duration", "failure_rate", "fallback", "request_duration", "_codes", "_removed",
+                 "retries")
 
-    def __init__(self, metrics: Metrics, breaker: str, fallback: str | None) -> None:
+    def __init__(self, metrics: Metrics, breaker: str, fallback: str | None,
+                 retries: bool = False) -> None:
         self._metrics = metrics
         self.name = breaker
         self._states = {state: metrics.state.labels(breaker, state.value) for state in ALL_STATES}
@@ -109,6 +115,9 @@ class BreakerMetrics:
         self.fallback = None
         self.set_fallback(fallback)
         self.request_duration = metrics.request_duration.labels(breaker)
+        # Only routes that retry have retry series (§3b); result → child.
+        self.retries = {result: metrics.retries.labels(breaker, result)
+                        for result in RETRY_RESULTS} if retries else {}
         self._codes: dict[int, object] = {}
         self._removed = False
         self.show_state(State.CLOSED)
@@ -146,6 +155,7 @@ class BreakerMetrics:
             (m.requests, [(self.name, str(code)) for code in self._codes]),
             (m.transitions, [(self.name, a.value, b.value) for a in ALL_STATES for b in ALL_STATES]),
             (m.fallbacks, [(self.name, kind) for kind in FALLBACK_KINDS]),
+            (m.retries, [(self.name, result) for result in RETRY_RESULTS]),
         ):
             for labels in label_sets:
                 try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from proxy.core.breaker import Breaker, Permit, State, Transition
 from proxy.core.bulkhead import Bulkhead
+from proxy.core.retry_budget import RetryBudget
 from proxy.core.clock import Clock
 from proxy.config.model import Route, Settings
 from proxy.fallbacks.base import Fallback
@@ -31,7 +32,7 @@ class RouteRuntime:
     """One route's breaker, bulkhead, metrics, fallback and upstream call settings."""
 
     __slots__ = ("route", "name", "breaker", "bulkhead", "metrics", "fallback", "upstream",
-                 "timeout_s", "connect_timeout_s", "failure_statuses")
+                 "timeout_s", "connect_timeout_s", "failure_statuses", "retry", "retry_budget")
 
     def __init__(self, route: Route, upstream: str, breaker: Breaker, bulkhead: Bulkhead,
                  metrics: BreakerMetrics, fallback: Fallback | None) -> None:
@@ -46,16 +47,31 @@ class RouteRuntime:
         self.timeout_s = policy.timeout_ms / 1000
         self.connect_timeout_s = policy.connect_timeout_ms / 1000
         self.failure_statuses = policy.failure_statuses
+        # §3b: None when the route does not retry; the budget counts its requests and retries.
+        self.retry = policy.retry if policy.retry.attempts > 0 else None
+        self.retry_budget = RetryBudget(policy.retry.budget_percent) if self.retry is not None else None
 
-    def record(self, permit: Permit, *, failed: bool) -> float:
-        """The outcome of a permitted call, to its breaker and its metrics; its duration."""
-        duration = self.breaker.record(permit, failed=failed)
+    def record(self, permit: Permit, *, failed: bool, marked_slow: bool = False) -> float:
+        """The outcome of a permitted call, to its breaker and its metrics; its duration.
+        `marked_slow`: the call was counted slow while in flight (§3a), not again now."""
+        breaker = self.breaker
+        threshold = breaker.slow_threshold_s()
+        duration = breaker.record(permit, failed=failed, marked_slow=marked_slow)
         metrics = self.metrics
         (metrics.failure if failed else metrics.success).inc()
         metrics.call_duration.observe(duration)
-        if duration * 1000 >= self.route.policy.slow_call_duration_ms:
+        if not marked_slow and duration >= threshold:
             metrics.slow.inc()
         return duration
+
+    def mark_slow(self, permit: Permit) -> None:
+        """A call in flight crossed the slow threshold (§3a): slow from this moment, once."""
+        self.breaker.mark_slow(permit)
+        self.metrics.slow.inc()
+
+    def release(self, permit: Permit, *, marked_slow: bool = False) -> None:
+        """The call ended as neither success nor failure (client gone, request broken)."""
+        self.breaker.release(permit, marked_slow=marked_slow)
 
 
 @dataclass(slots=True)
@@ -139,7 +155,8 @@ class Registry:
             breaker = Breaker(route.breaker_name, route.policy, self.clock,
                               random.Random(self._rng.random()))
             bulkhead = Bulkhead(route.policy.max_concurrent)
-            metrics = self.metrics.for_breaker(route.breaker_name, fallback_type)
+            metrics = self.metrics.for_breaker(route.breaker_name, fallback_type,
+                                               retries=route.policy.retry.attempts > 0)
             breaker.add_listener(metrics.on_transition)
             for listener in self._listeners:
                 breaker.add_listener(listener)

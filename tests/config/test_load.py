@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.model import Match, Policy, TlsSettings, WindowSpec
+from proxy.config.model import Match, Policy, ProbeSpec, RetryPolicy, TlsSettings, WindowSpec
 from proxy.config.load import ConfigError, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,3 +255,191 @@ def test_single_tls_problem_messages(tmp_path, text, expected):
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "k.pem").write_text("pem")
     assert problems(tmp_path, text) == [expected.format(config=tmp_path / "config")]
+
+
+# --- §3a hang detection and §3b retries and probes --------------------------------------------
+
+def policies(tmp_path: Path, text: str) -> dict[str, Policy]:
+    settings = load_settings(write(tmp_path, text), {})
+    return {r.breaker_name: r.policy for r in settings.routes()}
+
+
+def test_hang_detection_keys_at_every_level(tmp_path):
+    found = policies(tmp_path, """
+        defaults: {slow_call_duration_ms: auto, auto_slow_factor: 1.5, auto_slow_floor_ms: 1}
+        services:
+          a:
+            upstream: http://h:1
+            max_slow_in_flight: 3
+            routes:
+              r: {slow_call_duration_ms: 1, max_slow_in_flight: 0, auto_slow_factor: 6}
+          b: {upstream: 'http://h:2'}
+    """)
+    assert found["a.r"] == Policy(slow_call_duration_ms=1, auto_slow_factor=6.0, auto_slow_floor_ms=1,
+                                  max_slow_in_flight=0)
+    assert found["a.default"] == Policy(slow_call_duration_ms="auto", auto_slow_factor=1.5,
+                                        auto_slow_floor_ms=1, max_slow_in_flight=3)
+    assert found["b.default"].max_slow_in_flight == 0  # built-in: off
+    assert Policy().slow_call_duration_ms == 2000
+
+
+def test_retry_merges_key_by_key_over_service_and_defaults(tmp_path):
+    found = policies(tmp_path, """
+        defaults:
+          retry: {attempts: 1, budget_percent: 10}
+        services:
+          a:
+            upstream: http://h:1
+            retry: {backoff_ms: 0, max_body_bytes: 0}
+            routes:
+              r: {retry: {attempts: 10}}
+              s: {retry: null}
+              t: {retry: {budget_percent: 100, attempts: 0}}
+          b: {upstream: 'http://h:2'}
+          c: {upstream: 'http://h:3', retry: {}}
+    """)
+    assert found["a.r"].retry == RetryPolicy(attempts=10, backoff_ms=0, budget_percent=10, max_body_bytes=0)
+    assert found["a.s"].retry == found["a.default"].retry == RetryPolicy(
+        attempts=1, backoff_ms=0, budget_percent=10, max_body_bytes=0)
+    assert found["a.t"].retry == RetryPolicy(attempts=0, backoff_ms=0, budget_percent=100, max_body_bytes=0)
+    assert found["b.default"].retry == found["c.default"].retry == RetryPolicy(attempts=1, budget_percent=10)
+    assert Policy().retry == RetryPolicy(attempts=0, backoff_ms=25, budget_percent=20, max_body_bytes=65_536)
+
+
+def test_probe_replaces_as_a_whole_and_null_turns_it_off(tmp_path):
+    found = policies(tmp_path, """
+        defaults:
+          probe: {path: /health, interval_ms: 500}
+        services:
+          a:
+            upstream: http://h:1
+            routes:
+              r: {probe: {path: '/ping?deep=1', method: HEAD, expect_status: [200, 204], interval_ms: 10}}
+              s: {probe: null}
+              t: {probe: {path: /, expect_status: 599}}
+          b: {upstream: 'http://h:2', probe: null}
+    """)
+    assert found["a.r"].probe == ProbeSpec(path="/ping?deep=1", method="HEAD", interval_ms=10,
+                                           expect_status=frozenset({200, 204}))
+    assert found["a.s"].probe is None
+    assert found["a.t"].probe == ProbeSpec(path="/", expect_status=frozenset({599}))  # no interval inherited
+    assert found["a.default"].probe == ProbeSpec(path="/health", method="GET", interval_ms=500,
+                                                 expect_status=frozenset({200}))
+    assert found["b.default"].probe is None
+    assert Policy().probe is None
+
+
+def test_every_new_key_problem_with_line_and_key_path(tmp_path):
+    found = problems(tmp_path, """\
+        defaults:
+          slow_call_duration_ms: 0
+          auto_slow_factor: 1
+          auto_slow_floor_ms: 0
+          max_slow_in_flight: -1
+          retry: {attempts: 11, backoff_ms: -1, budget_percent: 100.5, max_body_bytes: -1}
+        services:
+          a:
+            upstream: http://h:1
+            retry: {atempts: 1}
+            probe: {path: health, method: "GE T", interval_ms: 9, expect_status: [200, 600]}
+            routes:
+              r: {probe: {method: GET}}
+              s: {probe: /health}
+              t: {retry: 3}
+              u:
+                probe:
+                  path: /h
+                  expect: 200
+    """)
+    assert found == [
+        "F:2: defaults.slow_call_duration_ms: must be ≥ 1, got 0",
+        "F:3: defaults.auto_slow_factor: must be > 1, got 1",
+        "F:4: defaults.auto_slow_floor_ms: must be ≥ 1, got 0",
+        "F:5: defaults.max_slow_in_flight: must be ≥ 0, got -1",
+        "F:6: defaults.retry.attempts: must be ≤ 10, got 11",
+        "F:6: defaults.retry.backoff_ms: must be ≥ 0, got -1",
+        "F:6: defaults.retry.budget_percent: must be ≤ 100, got 100.5",
+        "F:6: defaults.retry.max_body_bytes: must be ≥ 0, got -1",
+        "F:10: services.a.retry.atempts: unknown key (did you mean attempts?)",
+        "F:11: services.a.probe.path: must start with '/': 'health'",
+        "F:11: services.a.probe.method: not an HTTP method (a token): 'GE T'",
+        "F:11: services.a.probe.interval_ms: must be ≥ 10, got 9",
+        "F:11: services.a.probe.expect_status: must be ≤ 599, got 600",
+        "F:13: services.a.routes.r.probe.path: required (the upstream path to probe, e.g. /health)",
+        "F:14: services.a.routes.s.probe: must be a mapping",
+        "F:15: services.a.routes.t.retry: must be a mapping",
+        "F:19: services.a.routes.u.probe.expect: unknown key (did you mean expect_status?)",
+    ]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("services:\n  a: {upstream: 'http://h:1', slow_call_duration_ms: fast}\n",
+     "F:2: services.a.slow_call_duration_ms: not an integer or 'auto': 'fast'"),
+    ("services:\n  a: {upstream: 'http://h:1', slow_call_duration_ms: 1.5}\n",
+     "F:2: services.a.slow_call_duration_ms: not an integer or 'auto': 1.5"),
+    ("services:\n  a: {upstream: 'http://h:1', slow_call_duration_ms: true}\n",
+     "F:2: services.a.slow_call_duration_ms: not an integer or 'auto': True"),
+    ("services:\n  a: {upstream: 'http://h:1', auto_slow_factor: auto}\n",
+     "F:2: services.a.auto_slow_factor: not a number: 'auto'"),
+    ("services:\n  a: {upstream: 'http://h:1', auto_slow_floor_ms: 2.5}\n",
+     "F:2: services.a.auto_slow_floor_ms: not an integer: 2.5"),
+    ("services:\n  a: {upstream: 'http://h:1', max_slow_in_flight: many}\n",
+     "F:2: services.a.max_slow_in_flight: not an integer: 'many'"),
+    ("services:\n  a: {upstream: 'http://h:1', max_slow_in_fligth: 2}\n",
+     "F:2: services.a.max_slow_in_fligth: unknown key (did you mean max_slow_in_flight?)"),
+    ("defaults: {retries: {attempts: 1}}\nservices: {a: {upstream: 'http://h:1'}}\n",
+     "F:1: defaults.retries: unknown key (did you mean retry?)"),
+    ("services:\n  a: {upstream: 'http://h:1', retry: {budget_percent: -1}}\n",
+     "F:2: services.a.retry.budget_percent: must be ≥ 0, got -1"),
+    ("services:\n  a: {upstream: 'http://h:1', retry: {budget_percent: .nan}}\n",
+     "F:2: services.a.retry.budget_percent: not a number: nan"),
+    ("services:\n  a: {upstream: 'http://h:1', auto_slow_factor: .nan}\n",
+     "F:2: services.a.auto_slow_factor: not a number: nan"),
+    ("services:\n  a: {upstream: 'http://h:1', retry: {attempts: 1.0}}\n",
+     "F:2: services.a.retry.attempts: not an integer: 1.0"),
+    ("services:\n  a: {upstream: 'http://h:1', probe: {}}\n",
+     "F:2: services.a.probe.path: required (the upstream path to probe, e.g. /health)"),
+    ("services:\n  a: {upstream: 'http://h:1', probe: {path: '/a b'}}\n",
+     "F:2: services.a.probe.path: must be printable ASCII without spaces or '#': '/a b'"),
+    ("services:\n  a: {upstream: 'http://h:1', probe: {path: '/a#b'}}\n",
+     "F:2: services.a.probe.path: must be printable ASCII without spaces or '#': '/a#b'"),
+    ("services:\n  a: {upstream: 'http://h:1', probe: {path: '/a/../admin'}}\n",
+     "F:2: services.a.probe.path: must not contain dot-segments: '/a/../admin'"),
+    ("services:\n  a: {upstream: 'http://h:1', probe: {path: /h, method: 7}}\n",
+     "F:2: services.a.probe.method: not an HTTP method (a token): 7"),
+    ("services:\n  a: {upstream: 'http://h:1', probe: {path: /h, expect_status: 99}}\n",
+     "F:2: services.a.probe.expect_status: must be ≥ 100, got 99"),
+    ("services:\n  a: {upstream: 'http://h:1', probe: {path: /h, expect_status: []}}\n",
+     "F:2: services.a.probe.expect_status: not a non-empty list of status codes: []"),
+    ("services:\n  a: {upstream: 'http://h:1', probe: {path: /h, interval_ms: '1s'}}\n",
+     "F:2: services.a.probe.interval_ms: not an integer: '1s'"),
+    ("services:\n  a:\n    upstream: 'http://h:1'\n    routes: {r: {probe: {path: /h, intervall_ms: 10}}}\n",
+     "F:4: services.a.routes.r.probe.intervall_ms: unknown key (did you mean interval_ms?)"),
+    ("services:\n  a: {upstream: 'http://h:1', slow_call_duration_ms: auto, timeout_ms: 5}\n",
+     "F:2: services.a.timeout_ms: 5 is smaller than auto_slow_floor_ms (10)"),
+    ("services:\n  a:\n    upstream: 'http://h:1'\n    slow_call_duration_ms: auto\n    auto_slow_floor_ms: 6000\n",
+     "F:5: services.a.auto_slow_floor_ms: 6000 is larger than timeout_ms (5000)"),
+])
+def test_single_new_key_problem_messages(tmp_path, text, expected):
+    assert problems(tmp_path, text) == [expected]
+
+
+@pytest.mark.parametrize("text", [
+    # both sides of each boundary: the valid side
+    "services:\n  a: {upstream: 'http://h:1', slow_call_duration_ms: 1, auto_slow_floor_ms: 1}\n",
+    "services:\n  a: {upstream: 'http://h:1', auto_slow_factor: 1.0001, max_slow_in_flight: 0}\n",
+    "services:\n  a: {upstream: 'http://h:1', slow_call_duration_ms: auto, auto_slow_floor_ms: 5000}\n",
+    "services:\n  a: {upstream: 'http://h:1', slow_call_duration_ms: 1, timeout_ms: 5}\n",  # floor unused
+    "services:\n  a: {upstream: 'http://h:1', retry: {attempts: 10, backoff_ms: 0, budget_percent: 0}}\n",
+    "services:\n  a: {upstream: 'http://h:1', retry: {budget_percent: 100, max_body_bytes: 0}}\n",
+    "services:\n  a: {upstream: 'http://h:1', probe: {path: /, interval_ms: 10, expect_status: [100, 599]}}\n",
+    "services:\n  a: {upstream: 'http://h:1', probe: {path: /h, method: M-SEARCH}}\n",
+])
+def test_new_keys_at_their_boundaries_are_valid(tmp_path, text):
+    load_settings(write(tmp_path, text), {})
+
+
+def test_env_overrides_leave_the_new_keys_alone(tmp_path):
+    path = write(tmp_path, "services: {a: {upstream: 'http://h:1', slow_call_duration_ms: auto}}\n")
+    policy = load_settings(path, {"CIRCUIT_BREAKER_TIMEOUT": "2500"}).services[0].routes[0].policy
+    assert (policy.open_timeout_ms, policy.slow_call_duration_ms, policy.retry) == (2500, "auto", RetryPolicy())

@@ -19,7 +19,9 @@ from proxy.core.breaker import (
     Transition,
 )
 from proxy.core.clock import FakeClock
-from proxy.config.model import Policy, WindowSpec
+from proxy.config.model import Policy, ProbeSpec, WindowSpec
+from proxy.core.latency import LatencySketch
+from proxy.core.slow import AUTO_MIN_SAMPLES, AUTO_RECOMPUTE_EVERY
 from proxy.core.window import WindowCounts
 
 NAME = "payment.charges"
@@ -121,6 +123,9 @@ def test_new_breaker_view(rig: Rig) -> None:
         retry_after=None,
         half_open_in_flight=0,
         open_count=0,
+        slow_threshold_ms=2000.0,
+        slow_in_flight=0,
+        waiting_for=None,
     )
     assert rig.breaker.retry_after() is None
 
@@ -158,6 +163,9 @@ def test_consecutive_failures_open_at_the_threshold(rig: Rig) -> None:
         retry_after=10.0,
         half_open_in_flight=0,
         open_count=1,
+        slow_threshold_ms=2000.0,
+        slow_in_flight=0,
+        waiting_for=None,
     )
 
 
@@ -315,6 +323,9 @@ def test_half_open_view(rig: Rig) -> None:
         retry_after=None,
         half_open_in_flight=0,
         open_count=1,
+        slow_threshold_ms=2000.0,
+        slow_in_flight=0,
+        waiting_for="trial_request",
     )
 
 
@@ -870,3 +881,390 @@ def test_one_clock_read_in_try_acquire_and_one_in_record() -> None:
     assert (clock.monotonic_reads, clock.wall_reads) == (6, 1)
     assert b.try_acquire() is None
     assert (clock.monotonic_reads, clock.wall_reads) == (7, 1)
+
+
+# -- §3a hang detection: slow from the moment it crosses the threshold -----------------------
+
+
+def test_fixed_threshold_is_the_configured_one(rig: Rig) -> None:
+    assert rig.breaker.slow_threshold_s() == 2.0
+    assert rig.breaker.view().slow_threshold_ms == 2000.0
+
+
+def test_mark_slow_counts_once_and_record_does_not_count_again(rig: Rig) -> None:
+    b = rig.breaker
+    p = b.try_acquire()
+    assert p is not None
+    rig.clock.advance(2.0)
+    b.mark_slow(p)
+    view = b.view()
+    assert (view.slow_calls, view.slow_in_flight, view.calls_success) == (1, 1, 0)
+    rig.clock.advance(5.0)
+    assert b.record(p, failed=False, marked_slow=True) == 7.0
+    view = b.view()
+    assert (view.slow_calls, view.slow_in_flight, view.calls_success) == (1, 0, 1)
+    assert view.window == WindowCounts(calls=1, failures=0, slow=1)
+
+
+def test_a_marked_call_that_fails_is_a_failure_as_well(rig: Rig) -> None:
+    b = rig.breaker
+    p = b.try_acquire()
+    assert p is not None
+    b.mark_slow(p)
+    b.record(p, failed=True, marked_slow=True)
+    view = b.view()
+    assert (view.slow_calls, view.calls_failure, view.consecutive_failures) == (1, 1, 1)
+    assert view.window == WindowCounts(calls=1, failures=1, slow=1)
+
+
+def test_a_marked_call_is_slow_even_if_the_threshold_moved_since(rig: Rig) -> None:
+    # marked_slow wins over the duration: the call was slow when it was marked.
+    b = rig.breaker
+    p = b.try_acquire()
+    assert p is not None
+    b.mark_slow(p)
+    b.record(p, failed=False, marked_slow=True)  # 0 s long, but marked
+    assert b.view().window.slow == 1
+    assert b.view().slow_calls == 1
+
+
+def test_an_unmarked_call_is_still_judged_at_its_end(rig: Rig) -> None:
+    rig.call(failed=False, duration=1.999)
+    rig.call(failed=False, duration=2.0)
+    view = rig.breaker.view()
+    assert (view.slow_calls, view.slow_in_flight, view.window.slow) == (1, 0, 1)
+
+
+def test_max_slow_in_flight_opens_at_n_not_before() -> None:
+    rig = Rig(max_slow_in_flight=2)
+    b = rig.breaker
+    permits = [b.try_acquire() for _ in range(3)]
+    assert all(permits)
+    b.mark_slow(permits[0])  # type: ignore[arg-type]
+    assert b.state is State.CLOSED and b.view().slow_in_flight == 1
+    b.mark_slow(permits[1])  # type: ignore[arg-type]
+    assert b.state is State.OPEN
+    assert rig.transitions == [rig.tr(State.CLOSED, State.OPEN, "slow_in_flight")]
+    view = b.view()
+    assert (view.slow_in_flight, view.slow_calls, view.open_count) == (0, 2, 1)  # reset on the move
+    # The calls in flight keep running; their ends are stale and steer nothing.
+    b.mark_slow(permits[2])  # type: ignore[arg-type]
+    assert (b.view().slow_in_flight, b.view().slow_calls) == (0, 3)
+    for p in permits:
+        b.record(p, failed=False, marked_slow=True)  # type: ignore[arg-type]
+    view = b.view()
+    assert (view.state, view.slow_in_flight, view.slow_calls, view.calls_success) == (State.OPEN, 0, 3, 3)
+    assert len(rig.transitions) == 1
+
+
+def test_slow_calls_that_ended_are_no_longer_in_flight() -> None:
+    rig = Rig(max_slow_in_flight=2)
+    b = rig.breaker
+    first, second = b.try_acquire(), b.try_acquire()
+    b.mark_slow(first)  # type: ignore[arg-type]
+    b.record(first, failed=False, marked_slow=True)  # type: ignore[arg-type]
+    b.mark_slow(second)  # type: ignore[arg-type]  # one at a time: never 2 at once
+    assert (b.state, b.view().slow_in_flight) == (State.CLOSED, 1)
+    b.release(second, marked_slow=True)  # type: ignore[arg-type]  # the client left
+    assert (b.state, b.view().slow_in_flight, b.view().slow_calls) == (State.CLOSED, 0, 2)
+    third, fourth = b.try_acquire(), b.try_acquire()
+    b.mark_slow(third)  # type: ignore[arg-type]
+    b.mark_slow(fourth)  # type: ignore[arg-type]
+    assert b.state is State.OPEN
+
+
+def test_max_slow_in_flight_zero_is_off(rig: Rig) -> None:
+    b = rig.breaker
+    permits = [b.try_acquire() for _ in range(50)]
+    for p in permits:
+        b.mark_slow(p)  # type: ignore[arg-type]
+    assert (b.state, b.view().slow_in_flight) == (State.CLOSED, 50)
+
+
+def test_max_slow_in_flight_one_opens_on_the_first() -> None:
+    rig = Rig(max_slow_in_flight=1)
+    p = rig.breaker.try_acquire()
+    rig.breaker.mark_slow(p)  # type: ignore[arg-type]
+    assert rig.transitions == [rig.tr(State.CLOSED, State.OPEN, "slow_in_flight")]
+
+
+def test_stale_permits_never_touch_the_slow_in_flight_count() -> None:
+    rig = Rig(max_slow_in_flight=2)
+    b = rig.breaker
+    stale = b.try_acquire()
+    b.mark_slow(stale)  # type: ignore[arg-type]
+    b.reset()  # not a transition, but a new generation
+    assert b.view().slow_in_flight == 0
+    current = b.try_acquire()
+    b.mark_slow(current)  # type: ignore[arg-type]
+    b.release(stale, marked_slow=True)  # type: ignore[arg-type]
+    b.record(stale, failed=False, marked_slow=True)  # type: ignore[arg-type]
+    assert b.view().slow_in_flight == 1
+    b.mark_slow(b.try_acquire())  # type: ignore[arg-type]
+    assert b.state is State.OPEN
+
+
+def test_a_slow_trial_in_half_open_does_nothing_special() -> None:
+    rig = Rig(max_slow_in_flight=1, half_open_max_calls=2)
+    b = rig.breaker
+    rig.trip()
+    rig.to_half_open()
+    t1, t2 = b.try_acquire(), b.try_acquire()
+    b.mark_slow(t1)  # type: ignore[arg-type]
+    b.mark_slow(t2)  # type: ignore[arg-type]
+    assert (b.state, b.view().slow_in_flight, len(rig.transitions)) == (State.HALF_OPEN, 2, 2)
+    b.record(t1, failed=False, marked_slow=True)  # type: ignore[arg-type]
+    assert b.view().slow_in_flight == 1
+    b.record(t2, failed=False, marked_slow=True)  # type: ignore[arg-type]
+    assert b.state is State.CLOSED  # two successes: slow, but successes (§3)
+    assert b.view().slow_calls == 2
+
+
+@pytest.mark.parametrize("manual", ["force_closed", "disable"])
+def test_manual_closed_states_count_slow_in_flight_but_never_trip(manual: str) -> None:
+    rig = Rig(max_slow_in_flight=1)
+    b = rig.breaker
+    getattr(b, manual)()
+    for _ in range(3):
+        b.mark_slow(b.try_acquire())  # type: ignore[arg-type]
+    assert (b.view().slow_in_flight, len(rig.transitions)) == (3, 1)
+
+
+def test_slow_in_flight_opens_only_from_closed_in_the_table(rig: Rig) -> None:
+    with pytest.raises(RuntimeError, match=r"half_open -> open \(slow_in_flight\)"):
+        rig.trip()
+        rig.to_half_open()
+        rig.breaker._move_to(State.OPEN, rig.clock.monotonic(), "slow_in_flight")
+
+
+def test_mark_slow_reads_the_clock_only_to_trip() -> None:
+    clock = CountingClock()
+    b = Breaker(NAME, make_policy(max_slow_in_flight=2), clock)
+    p1, p2 = b.try_acquire(), b.try_acquire()
+    b.mark_slow(p1)  # type: ignore[arg-type]
+    assert (clock.monotonic_reads, clock.wall_reads) == (2, 0)
+    b.mark_slow(p2)  # type: ignore[arg-type]
+    assert (clock.monotonic_reads, clock.wall_reads) == (3, 1)
+
+
+# -- §3a `slow_call_duration_ms: auto` ---------------------------------------------------------
+
+
+def auto_rig(**overrides: object) -> Rig:
+    base: dict[str, object] = {"slow_call_duration_ms": "auto", "timeout_ms": 5000,
+                               "failure_threshold": 0}
+    base.update(overrides)
+    return Rig(**base)
+
+
+def learned(durations: list[float], factor: float = 4.0) -> float:
+    sketch = LatencySketch()
+    for d in durations:
+        sketch.add(d, now=0.0)
+    return factor * sketch.quantile(0.99)  # type: ignore[operator]
+
+
+def test_auto_is_the_timeout_until_enough_successes_were_seen() -> None:
+    assert (AUTO_MIN_SAMPLES, AUTO_RECOMPUTE_EVERY) == (100, 64)
+    rig = auto_rig()
+    assert rig.breaker.slow_threshold_s() == 5.0
+    # 2 × 64 records, of which only 99 successes: not enough.
+    for _ in range(29):
+        rig.call(failed=True, duration=0.1)
+    for _ in range(99):
+        rig.call(failed=False, duration=0.1)
+    assert rig.breaker.slow_threshold_s() == 5.0
+    # The same with 100 successes: learned at the 128th record.
+    rig = auto_rig()
+    for _ in range(28):
+        rig.call(failed=True, duration=0.1)
+    for _ in range(99):
+        rig.call(failed=False, duration=0.1)
+    assert rig.breaker.slow_threshold_s() == 5.0  # 127 records: not recomputed yet
+    rig.call(failed=False, duration=0.1)
+    assert rig.breaker.slow_threshold_s() == learned([0.1] * 100)
+    assert 0.4 <= rig.breaker.slow_threshold_s() < 0.4 * 1.05
+    assert rig.breaker.view().slow_threshold_ms == rig.breaker.slow_threshold_s() * 1000
+
+
+def test_auto_is_recomputed_every_64_records_only() -> None:
+    rig = auto_rig()
+    for _ in range(128):
+        rig.call(failed=False, duration=0.1)
+    first = rig.breaker.slow_threshold_s()
+    for _ in range(63):
+        rig.call(failed=False, duration=0.5)  # p99 moves at once, the cached value does not
+    assert rig.breaker.slow_threshold_s() == first
+    rig.call(failed=False, duration=0.5)
+    assert rig.breaker.slow_threshold_s() == learned([0.1] * 128 + [0.5] * 64)
+    assert rig.breaker.slow_threshold_s() >= 2.0
+
+
+def test_auto_is_clamped_to_the_floor_and_the_timeout() -> None:
+    rig = auto_rig(auto_slow_floor_ms=10)
+    for _ in range(128):
+        rig.call(failed=False, duration=0.0005)  # 4 × ~0.5 ms = 2 ms < 10 ms
+    assert rig.breaker.slow_threshold_s() == 0.010
+    rig = auto_rig(auto_slow_floor_ms=1)
+    for _ in range(128):
+        rig.call(failed=False, duration=0.0005)
+    assert rig.breaker.slow_threshold_s() == learned([0.0005] * 128)
+    assert 0.002 <= rig.breaker.slow_threshold_s() < 0.0022
+    rig = auto_rig(timeout_ms=1000)
+    for _ in range(128):
+        rig.call(failed=False, duration=0.3)  # 4 × 0.3 = 1.2 s > 1 s
+    assert rig.breaker.slow_threshold_s() == 1.0
+
+
+def test_auto_factor_scales_the_p99() -> None:
+    rig = auto_rig(auto_slow_factor=1.5)
+    durations = [0.01 * (i % 50 + 1) for i in range(128)]  # p99 ~ 0.5 s
+    for d in durations:
+        rig.call(failed=False, duration=d)
+    assert rig.breaker.slow_threshold_s() == learned(durations, factor=1.5)
+
+
+def test_auto_learns_only_from_successes() -> None:
+    rig = auto_rig()
+    for _ in range(200):
+        rig.call(failed=True, duration=0.1)
+    assert rig.breaker.slow_threshold_s() == 5.0
+
+
+def test_auto_threshold_decides_slow_calls() -> None:
+    rig = auto_rig(slow_call_rate_threshold=50, minimum_calls=4, window=WindowSpec(type="count", size=4))
+    for _ in range(128):
+        rig.call(failed=False, duration=0.1)
+    threshold = rig.breaker.slow_threshold_s()
+    rig.call(failed=False, duration=threshold - 0.001)
+    assert rig.breaker.view().slow_calls == 0
+    rig.call(failed=False, duration=threshold)
+    assert rig.breaker.view().slow_calls == 1
+    rig.call(failed=False, duration=threshold)
+    assert rig.transitions == [rig.tr(State.CLOSED, State.OPEN, "slow_call_rate")]
+
+
+def test_auto_survives_transitions_but_reset_forgets_it() -> None:
+    rig = auto_rig(failure_threshold=3)
+    for _ in range(128):
+        rig.call(failed=False, duration=0.1)
+    learned_s = rig.breaker.slow_threshold_s()
+    assert learned_s < 5.0
+    rig.trip()
+    rig.to_half_open()
+    assert rig.breaker.slow_threshold_s() == learned_s
+    rig.breaker.reset()
+    assert rig.breaker.slow_threshold_s() == 5.0
+
+
+def test_auto_ages_out_old_latencies() -> None:
+    rig = auto_rig()
+    for _ in range(128):
+        rig.call(failed=False, duration=1.0)  # learned ~4 s
+    assert rig.breaker.slow_threshold_s() >= 4.0
+    for _ in range(2048):  # two rotations of the sketch later, only the new latency is left
+        rig.call(failed=False, duration=0.01)
+    assert 0.04 <= rig.breaker.slow_threshold_s() < 0.043
+
+
+def test_a_policy_with_a_bad_slow_value_is_refused() -> None:
+    with pytest.raises(ValueError, match="slow_call_duration_ms must be a number or 'auto'"):
+        Breaker(NAME, make_policy(slow_call_duration_ms="fast"), FakeClock())
+
+
+# -- probes: the proxy's own half-open trials --------------------------------------------------
+
+PROBE = ProbeSpec(path="/health")
+
+
+def test_with_a_probe_customers_are_never_the_trial() -> None:
+    rig = Rig(probe=PROBE, half_open_max_calls=2)
+    b = rig.breaker
+    rig.trip()
+    rig.advance_to(MONO0 + 10.0)
+    assert b.try_acquire() is None  # the customer's look applies open → half_open, then rejects
+    assert rig.transitions[1:] == [rig.tr(State.OPEN, State.HALF_OPEN, "open_timeout_elapsed")]
+    assert b.try_acquire() is None
+    view = b.view()
+    assert (view.state, view.calls_rejected, view.half_open_in_flight) == (State.HALF_OPEN, 2, 0)
+    assert view.waiting_for == "probe"
+
+
+def test_trial_permits_respect_half_open_max_calls() -> None:
+    rig = Rig(probe=PROBE, half_open_max_calls=2)
+    b = rig.breaker
+    rig.trip()
+    rig.to_half_open()
+    t1, t2 = b.try_acquire_trial(), b.try_acquire_trial()
+    assert t1 == t2 == Permit(generation=2, started=rig.clock.monotonic())
+    assert b.try_acquire_trial() is None
+    b.release(t1)  # type: ignore[arg-type]
+    assert b.try_acquire_trial() is not None
+    view = b.view()
+    assert (view.half_open_in_flight, view.calls_rejected) == (2, 0)  # a full prober is no rejection
+
+
+def test_try_acquire_trial_applies_the_lazy_move_at_retry_at_not_before() -> None:
+    rig = Rig(probe=PROBE)
+    b = rig.breaker
+    rig.trip()
+    rig.advance_to(MONO0 + 9.999)
+    assert b.try_acquire_trial() is None
+    assert (b.view().state, b.view().calls_rejected) == (State.OPEN, 0)
+    rig.advance_to(MONO0 + 10.0)
+    assert b.try_acquire_trial() == Permit(generation=2, started=MONO0 + 10.0)
+    assert rig.transitions[1:] == [rig.tr(State.OPEN, State.HALF_OPEN, "open_timeout_elapsed")]
+
+
+@pytest.mark.parametrize("manual", [None, "force_open", "force_closed", "disable"])
+def test_no_trial_outside_half_open(manual: str | None) -> None:
+    rig = Rig(probe=PROBE)
+    if manual:
+        getattr(rig.breaker, manual)()
+    assert rig.breaker.try_acquire_trial() is None
+
+
+def test_success_threshold_probes_close_it() -> None:
+    rig = Rig(probe=PROBE)  # success_threshold 2
+    b = rig.breaker
+    rig.trip()
+    rig.to_half_open()
+    b.record(b.try_acquire_trial(), failed=False)  # type: ignore[arg-type]
+    assert b.state is State.HALF_OPEN
+    assert b.try_acquire() is None  # still no customer
+    b.record(b.try_acquire_trial(), failed=False)  # type: ignore[arg-type]
+    assert b.state is State.CLOSED
+    assert rig.transitions[-1] == rig.tr(State.HALF_OPEN, State.CLOSED, "success_threshold")
+    assert b.try_acquire() is not None  # customers again
+    assert b.try_acquire_trial() is None
+    assert b.view().waiting_for is None
+
+
+def test_a_failed_probe_reopens_it() -> None:
+    rig = Rig(probe=PROBE)
+    b = rig.breaker
+    rig.trip()
+    rig.to_half_open()
+    b.record(b.try_acquire_trial(), failed=False)  # type: ignore[arg-type]
+    b.record(b.try_acquire_trial(), failed=True)  # type: ignore[arg-type]
+    assert rig.transitions[-1] == rig.tr(State.HALF_OPEN, State.OPEN, "half_open_failure")
+    assert b.view().retry_after == 20.0  # the backoff as for any half-open failure
+
+
+def test_without_a_probe_customers_are_the_trial_and_the_view_says_so(rig: Rig) -> None:
+    b = rig.breaker
+    assert b.view().waiting_for is None
+    rig.trip()
+    assert b.view().waiting_for is None  # open: waiting for the period to end
+    rig.to_half_open()
+    assert b.view().waiting_for == "trial_request"
+    assert b.try_acquire() is not None
+    b.force_open()
+    assert b.view().waiting_for is None
+
+
+def test_one_clock_read_in_try_acquire_trial() -> None:
+    clock = CountingClock()
+    b = Breaker(NAME, make_policy(probe=PROBE), clock)
+    assert b.try_acquire_trial() is None
+    assert (clock.monotonic_reads, clock.wall_reads) == (1, 0)

@@ -131,7 +131,7 @@ class RecordingPool:
 
 
 class FakeDeadlines:
-    def add(self, call: Any, timeout_s: float) -> None:
+    def add(self, call: Any, timeout_s: float, slow_s: float = 0.0) -> None:
         call.deadline = 1.0
 
     def discard(self, call: Any) -> None:

@@ -215,7 +215,7 @@ class FakeDeadlines:
     def __init__(self) -> None:
         self.pending: dict[Any, float] = {}
 
-    def add(self, call: Any, timeout_s: float) -> None:
+    def add(self, call: Any, timeout_s: float, slow_s: float = 0.0) -> None:
         call.deadline = 1.0  # any non-zero loop time: "has a deadline"
         self.pending[call] = timeout_s
 
