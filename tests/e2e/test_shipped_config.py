@@ -68,9 +68,14 @@ async def test_inventory_estimated_availability_from_last_known_good(start_proxy
         fresh = await response.json()
     assert fresh == {"sku": "SKU-001", "available": 17}
     await fakes.set_mode("inventory", "error", status=503)
-    for _ in range(5):
+    answers = []
+    for _ in range(4):
         async with proxy.session.get(proxy.url("/inventory/stock/SKU-001")) as response:
-            assert response.status == 503  # an answering upstream's 5xx passes through
+            answers.append((response.status, response.headers.get("X-Retry-Count")))
+    # An answering upstream's 5xx passes through. The lookup is retried within the budget
+    # (the clock stands still: one retry in its second, then 20 % of the requests), and every
+    # attempt counts: 2 + 1 + 1 + 1 = 5 failures open the breaker after 4 requests.
+    assert answers == [(503, "1"), (503, "0"), (503, "0"), (503, "0")]
     async with proxy.session.get(proxy.url("/inventory/stock/SKU-001")) as response:
         assert response.status == 200
         assert await response.json() == {"sku": "SKU-001", "available": 8}
