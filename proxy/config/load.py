@@ -62,6 +62,10 @@ _SERVER_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "max_body_bytes": integer(1),
     "max_header_bytes": integer(256),
     "drain_timeout_s": number(0.0),
+    "header_timeout_ms": integer(1),
+    "body_timeout_ms": integer(1),
+    "idle_timeout_ms": integer(1),
+    "max_connections": integer(1),
     "access_log": boolean,
     "log_format": choice("text", "json"),
 }

@@ -126,6 +126,13 @@ class ServerSettings:
     max_body_bytes: int = 10 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     drain_timeout_s: float = 10.0
+    # Connections (fixed, §1a): a head must be complete within header_timeout_ms of its first
+    # byte, a body may pause at most body_timeout_ms (408 either way), an idle keep-alive
+    # connection lives idle_timeout_ms, and at most max_connections are open at once.
+    header_timeout_ms: int = 10_000
+    body_timeout_ms: int = 30_000
+    idle_timeout_ms: int = 75_000
+    max_connections: int = 10_000
     access_log: bool = False
     log_format: Literal["text", "json"] = "text"
 

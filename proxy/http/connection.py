@@ -54,7 +54,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = ("server", "transport", "parser", "peer_ip", "peername", "idle_since", "lost",
                  "writable", "handler", "current", "answered", "_queue", "_queued_bytes", "_parsing",
                  "_url", "_fields", "_head_size", "_in_head", "_feeding", "_serving", "_paused_by",
-                 "_closing", "_lingering", "_drain_waiter")
+                 "_closing", "_lingering", "_drain_waiter", "_watched", "_watched_mark", "_watch_since")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -81,15 +81,27 @@ class ClientConnection(asyncio.Protocol):
         self._closing = False
         self._lingering = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        # What the timeout sweep last saw of the request being read, and since when.
+        self._watched: Incoming | None = None
+        self._watched_mark: tuple[bool, int] = (True, 0)
+        self._watch_since = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            # Closed at once, never left hanging: the client sees the refusal (§1a).
+            self.parser = None
+            self.lost = True
+            transport.close()
+            server.refuse_connection()
+            return
         self.peername = transport.get_extra_info("peername")
         if self.peername:
             self.peer_ip = str(self.peername[0]).encode()
-        self.server.connections.add(self)
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -101,6 +113,47 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable = False
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the server's sweep: 408 for a head not complete within header_timeout_ms
+        or a body with no byte for body_timeout_ms, close when idle past idle_timeout_ms (§1a).
+        Progress is noticed by comparing with the previous sweep, so reading costs nothing."""
+        if self.lost or self._lingering:
+            return
+        parsing = self._parsing
+        if parsing is None or self._paused_by:
+            # Nothing being read (or we stopped reading ourselves: not the client's delay).
+            self._watched = None
+            if (parsing is None and self.handler is None and not self._queue
+                    and now - self.idle_since > self.server.keepalive_s):
+                self.close()
+            return
+        mark = (parsing.head is None, parsing.received)
+        if parsing is not self._watched or mark != self._watched_mark:
+            self._watched, self._watched_mark, self._watch_since = parsing, mark, now
+            return
+        server = self.server
+        if parsing.head is None:
+            if now - self._watch_since >= server.header_timeout_s:
+                self._timed_out(parsing, "request head not complete in time")
+        elif now - self._watch_since >= server.body_timeout_s:
+            self._timed_out(parsing, "no request body byte in time")
+
+    def _timed_out(self, incoming: Incoming, detail: str) -> None:
+        error = HttpError(408, detail)
+        self.parser = None
+        self._parsing = None
+        if incoming is self.current:
+            if self.handler is not None:
+                # Nothing of it went upstream yet: 408; else the upstream call is aborted.
+                self.handler.on_request_broken(408, self.server.refusal(error))
+            else:
+                self.close()  # answered already; the rest of its body never came
+            return
+        if self.current is not None:
+            self.abort()  # a pipelined request stalled behind one still being served
+            return
+        self._refuse(error)
 
     def resume_writing(self) -> None:
         self.writable = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from typing import Any
 
 from proxy.config.model import ServerSettings
@@ -25,7 +26,28 @@ from proxy.runtime.registry import Registry
 
 log = logging.getLogger(__name__)
 
-IDLE_SWEEP_S = 5.0
+RESERVED_FDS = 64  # storage, logs, listeners, webhooks: what is not a client or upstream socket
+REFUSAL_LOG_INTERVAL_S = 1.0
+
+
+def fit_open_files(wanted: int) -> int:
+    """Raise this process's open-file limit as far as the system allows, and the number of
+    client connections that fit in it: each may hold an upstream connection too (§1a)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 2 * wanted + RESERVED_FDS)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open-file limit raised from %d to %d", soft, target)
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("open-file limit stays %d: %s", soft, exc)
+    fits = max(1, (soft - RESERVED_FDS) // 2)
+    if wanted > fits:
+        log.warning("max_connections lowered from %d to %d to fit the open-file limit (%d)",
+                    wanted, fits, soft)
+        return fits
+    return wanted
 
 
 class Server:
@@ -41,7 +63,15 @@ class Server:
         self.max_header_bytes = settings.max_header_bytes
         self.max_line = max(8190, settings.max_header_bytes * 4)  # the request line's own allowance
         self.drain_timeout_s = settings.drain_timeout_s
-        self.keepalive_s = 75.0
+        self.header_timeout_s = settings.header_timeout_ms / 1000
+        self.body_timeout_s = settings.body_timeout_ms / 1000
+        self.keepalive_s = settings.idle_timeout_ms / 1000
+        self.max_connections = settings.max_connections
+        # The sweep sees a stalled head or body, or an idle connection, at most this late.
+        self.sweep_s = min(1.0, max(0.02, min(self.header_timeout_s, self.body_timeout_s,
+                                              self.keepalive_s) / 5))
+        self.refused_connections = 0
+        self._refusal_logged = 0.0
         self.access_log = logging.getLogger("proxy.access") if settings.access_log else None
         self.connections: set[ClientConnection] = set()
         self.host = ""
@@ -54,11 +84,12 @@ class Server:
         return self.env.draining
 
     async def listen(self, host: str, port: int, *, reuse_address: bool = True, backlog: int = 1024) -> None:
+        self.max_connections = fit_open_files(self.max_connections)
         self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port,
                                                      reuse_address=reuse_address, backlog=backlog)
         self.host = host
         self.port = self._server.sockets[0].getsockname()[1]
-        self._sweeper = self.loop.call_later(IDLE_SWEEP_S, self._sweep)
+        self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
     def url(self, path: str = "/") -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -68,13 +99,22 @@ class Server:
         return wire.refusal(error.status, error.detail, max_body_bytes=self.max_body_bytes,
                             max_header_bytes=self.max_header_bytes)
 
+    def refuse_connection(self) -> None:
+        """One connection more than max_connections: closed at once, said at most once a second."""
+        self.refused_connections += 1
+        now = self.loop.time()
+        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL_S:
+            self._refusal_logged = now
+            log.warning("connection refused: max_connections (%d) are open (%d refused so far)",
+                        self.max_connections, self.refused_connections)
+
     def _sweep(self) -> None:
-        """Close connections idle (no request in progress) for longer than keepalive_s."""
-        limit = self.loop.time() - self.keepalive_s
+        """Heads and bodies that stalled get 408, idle connections are closed (§1a): one pass
+        over the connections, no timer per connection."""
+        now = self.loop.time()
         for connection in list(self.connections):
-            if connection.handler is None and connection.idle_since < limit:
-                connection.close()
-        self._sweeper = self.loop.call_later(IDLE_SWEEP_S, self._sweep)
+            connection.check_timeouts(now)
+        self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop listening, let in-flight requests finish (bounded), close the rest."""

@@ -148,6 +148,7 @@ class FakeServer:
         self.max_header_bytes = MAX_HEADER_BYTES
         self.max_body_bytes = MAX_BODY_BYTES
         self.access_log = None
+        self.max_connections = 10_000
         self.registry = registry
         self.env = env
         self.draining = False
