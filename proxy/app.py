@@ -2,8 +2,9 @@
 
 `App(settings)` builds the registry, metrics, storage, fallbacks and the control plane;
 `await app.start(host, port)` opens storage, puts stored breaker states back, starts the
-replay workers, the control plane's tasks and then the HTTP server; `await app.close()`
-drains the server (bounded) and stops everything in the reverse order, storage last.
+replay workers, the probes, the control plane's tasks and then the HTTP server;
+`await app.close()` drains the server (bounded) and stops everything in the reverse order,
+storage last.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from proxy.http.tls import client_contexts
 from proxy.ops.control import ControlPlane
 from proxy.runtime.metrics import Metrics
 from proxy.runtime.persistence import Persistence
+from proxy.runtime.probes import Prober
 from proxy.runtime.registry import Registry, ReloadResult, RouteRuntime
 from proxy.storage.sqlite import Storage
 
@@ -47,10 +49,13 @@ class App:
         self.queues.attach(self.registry)
         self.fallback_log = FallbackLog(self.storage, self.clock)
         self.persistence = Persistence(self.registry, self.storage, self.metrics)
+        # Routes with `probe` recover without customer traffic: the proxy sends the trials.
+        self.prober = Prober(self.registry, self.clock)
         self.control = ControlPlane(settings, self.registry, self.metrics, queues=self.queues.statuses,
                                     admin_token=admin_token)
         self.reloader = self.control.reloader
         self.reloader.add_listener(self.persistence.on_reload)
+        self.reloader.add_listener(self.prober.on_reload)
         self.reloader.add_listener(self._on_reload)
         self._tls: dict[str, ssl.SSLContext] = {}
         self._tls_by_service(settings)
@@ -82,7 +87,9 @@ class App:
         await self.persistence.start()
         env = make_env(loop, self.clock, fallback_log=self.fallback_log, tls_for=self.tls_for)
         self.queues.client = UpstreamClient(env.pool, env.deadlines, tls_for=lambda url: self._tls.get(url))
+        self.prober.client = self.queues.client  # the same pooled client as queue replay
         await self.queues.start()
+        self.prober.start()
         await self.control.start()
         self.server = Server(self.settings.server, self.registry, self.control, env)
         if before_listen is not None:
@@ -100,6 +107,7 @@ class App:
         if server is not None:
             await server.shutdown()
         await self.control.stop()
+        await self.prober.stop()
         await self.queues.stop()
         await self.persistence.stop()
         if server is not None:

@@ -101,3 +101,54 @@ async def test_a_breaker_opens_live_and_is_forced_closed_from_the_page(start_pro
     await page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
     assert errors == []
     assert json.loads(await page.evaluate("JSON.stringify(sessionStorage.length)")) == 1
+
+
+HALF_OPEN_CONFIG = """
+storage: {path: $db}
+defaults: {failure_threshold: 2, open_timeout_ms: 100, jitter: 0, minimum_calls: 5,
+           window: {type: count, size: 10}}
+services:
+  payment:
+    upstream: $payment
+    routes:
+      charges:
+        match: {methods: [POST], path: /charges}
+        timeout_ms: 30000
+        probe: {path: /healthz, interval_ms: 20}
+  inventory:
+    upstream: $inventory
+    routes:
+      stock: {match: {methods: [GET], path: /stock}}
+"""
+STOCK = '[data-breaker="inventory.stock"]'
+
+
+async def test_a_half_open_breaker_says_what_it_waits_for(start_proxy, fakes, browser):
+    proxy = await start_proxy(HALF_OPEN_CONFIG)
+    page = await browser.new_page(viewport={"width": 1360, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await page.goto(proxy.url("/status"))
+    await page.wait_for_selector(f'{STOCK}[data-state="closed"]', timeout=10_000)
+
+    # Without a probe: nothing tests the upstream until a customer request comes.
+    await fakes.set_mode("inventory", "error", status=500)
+    for _ in range(2):
+        async with proxy.session.get(proxy.url("/inventory/stock/SKU-001")) as response:
+            assert response.status == 500
+    await page.wait_for_selector(f'{STOCK}[data-state="half_open"]', timeout=10_000)
+    await page.locator(f"{STOCK} .countdown", has_text="waiting for a trial request").wait_for(timeout=5_000)
+    assert "testing the upstream" not in await page.locator(f"{STOCK} .countdown").inner_text()
+
+    # With a probe (held in flight by a hanging upstream): the proxy is probing it.
+    await fakes.set_mode("payment", "error", status=500)
+    assert [await charge(proxy) for _ in range(2)] == [500, 500]
+    await fakes.set_mode("payment", "hang")
+    await page.wait_for_selector(f'{CARD}[data-state="half_open"]', timeout=10_000)
+    await page.locator(f"{CARD} .countdown", has_text="probing the upstream").wait_for(timeout=5_000)
+    async with proxy.session.get(proxy.url("/status.json")) as response:
+        waiting = {b["name"]: b["waiting_for"] for b in (await response.json())["breakers"]}
+    assert (waiting["inventory.stock"], waiting["payment.charges"]) == ("trial_request", "probe")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "status-half-open.png"), full_page=True)
+    assert errors == []
