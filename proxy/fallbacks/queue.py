@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULT_STORE_TIMEOUT_S = 5.0  # a queue whose route left the config (reload) still answers in time
+LOG_EVERY_S = 10.0
+
 register_schema("queue", [
     """
     CREATE TABLE queue_items (
@@ -178,6 +181,8 @@ class QueueState:
         self.replayed = {result: metrics.queue_replayed.labels(name, result.value)
                          for result in (ItemState.DELIVERED, ItemState.DEAD_LETTER)} if metrics else {}
         self.retried = metrics.queue_replayed.labels(name, "retried") if metrics else None
+        self.unavailable = 0  # acceptances refused because storage could not take them
+        self.unavailable_logged = -LOG_EVERY_S
 
     def show_counts(self) -> None:
         """Depth and dead letters into their gauges, after the counters moved."""
@@ -371,12 +376,13 @@ class QueueBook:
         # Only a client's key can come back; one made here is new by construction.
         lookup = None if client_key is None else (FIND_KEY, (state.name, key))
         try:
-            await self.storage.transact(prepare, undo, lookup=lookup)
+            # Not stored within the route's timeout: not stored at all (§5), so a 503 here is
+            # as true as a 202.
+            await self.storage.transact(prepare, undo, lookup=lookup, within_s=self._timeout_s(state))
         except Refused as refusal:
             return self._refused(state, request, refusal)
         except StorageError as exc:
-            log.error("queue %s: request not stored: %s", state.name, exc)
-            return None  # never a 202 that is not on disk
+            return self._unavailable(state, request, exc)
         item_id = row[0]
         headers_out = {"X-Queue-Id": str(item_id), IDEMPOTENCY_KEY: key}
         if replayed:
@@ -388,6 +394,22 @@ class QueueBook:
             request.detail = f"queue_id={item_id}"
         return Answer.json(202, {"status": "queued", "queue": state.name, "queue_id": item_id,
                                  "idempotency_key": key}, headers_out)
+
+    def _timeout_s(self, state: QueueState) -> float:
+        runtime = self.registry.get(state.name) if self.registry is not None else None
+        return runtime.timeout_s if runtime is not None else DEFAULT_STORE_TIMEOUT_S
+
+    def _unavailable(self, state: QueueState, request: Request, exc: StorageError) -> Answer:
+        """§5: the disk or database could not take it in time; never a 202, never circuit_open.
+        Logged once per LOG_EVERY_S per queue with a count, not once per request."""
+        state.unavailable += 1
+        now = self.clock.monotonic()
+        if now - state.unavailable_logged >= LOG_EVERY_S:
+            state.unavailable_logged = now
+            log.error("queue %s: requests not stored (%d so far): %s", state.name, state.unavailable, exc)
+        request.detail = "queue_unavailable"
+        return Answer.json(503, {"error": "queue_unavailable", "breaker": state.name,
+                                 "detail": "the request could not be stored; nothing was queued"})
 
     @staticmethod
     def _refused(state: QueueState, request: Request, refusal: Refused) -> Answer:

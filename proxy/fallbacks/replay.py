@@ -12,10 +12,11 @@ the queue). The head of the queue blocks the rest: order matters more than throu
 outbox.
 
 Every replay carries the Idempotency-Key given at acceptance, so a request delivered just
-before a crash and delivered again after the restart is done once by the upstream. Marks
-(delivered, dead letter) are committed in groups of up to MARK_GROUP, so after kill -9 at
-most that many are sent again; this module never drops a pending request and never sends one
-without its key. It reaches the upstream only through the book's `UpstreamClient` (the app's
+before a crash and delivered again after the restart is done once by the upstream. A mark
+(delivered, dead letter) is committed before the next item of the queue is sent, and the
+worker waits for that commit however long the disk takes (§5): after kill -9 at most the item
+that was in flight is sent again. This module never drops a pending request and never sends
+one without its key. It reaches the upstream only through the book's `UpstreamClient` (the app's
 pooled connections), never a client of its own.
 """
 
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE = 200  # pending requests read at a time
-MARK_GROUP = 64  # marks committed together
 _SELECT = ("SELECT id, method, target, headers, body, amount, attempts FROM queue_items"
            " WHERE queue = ? AND state = 'pending' ORDER BY id LIMIT ?")
 _MARK = "UPDATE queue_items SET state = ?, attempts = ?, last_error = ?, updated_wall = ? WHERE id = ?"
@@ -188,13 +188,15 @@ class ReplayWorker:
             log.warning("queue %s: request %d moved to dead letters after %d attempts: %s",
                         self.state.name, item_id, attempts, error)
         self._marks.append((item_id, result, attempts, error, amount))
-        if len(self._marks) >= MARK_GROUP:
-            await self._flush()
+        # Committed before the next item is sent: a crash re-sends only what was in flight.
+        while not await self._flush():
+            await asyncio.sleep(self.book.poll_s)
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Commit the marks decided so far; False (and kept for the next try) if it failed."""
         marks, self._marks = self._marks, []
         if not marks:
-            return
+            return True
         state = self.state
         now = self.book.clock.wall()
 
@@ -216,10 +218,13 @@ class ReplayWorker:
         try:
             await self.book.storage.transact(prepare, undo)
         except StorageError as exc:
-            log.error("queue %s: %d marks not stored, they will be replayed: %s", state.name, len(marks), exc)
-            return
+            log.error("queue %s: %d marks not stored yet, the queue waits for them: %s",
+                      state.name, len(marks), exc)
+            self._marks[:0] = marks
+            return False
         state.show_counts()
         for _, result, _, _, _ in marks:
             child = state.replayed.get(result)
             if child is not None:
                 child.inc()
+        return True

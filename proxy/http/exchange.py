@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 WAITING, CONNECTING, SENT, STREAMING, FALLBACK, DONE, RETRY_WAIT = range(7)
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # a stale pooled connection, resent
 _IN_FLIGHT = (CONNECTING, SENT, STREAMING)
+TRUNCATED = "truncated"  # the `code` of an answer the upstream broke off mid-body
 _BODYLESS_DEFAULT = frozenset({b"POST", b"PUT", b"PATCH"})  # sent with Content-Length: 0
 _HELD_BODY = 64 * 1024  # request body bytes held while no upstream connection is ready
 
@@ -411,7 +412,8 @@ class Exchange(Answering, Retrying):
         self._cancel_deadline()
         self._record_attempt(True)
         self._leave()
-        self.runtime.metrics.count_request(self.status, self.env.clock.monotonic() - self.started)
+        # Not a 200 the client got: an answer cut off (code="truncated" in proxy_requests_total).
+        self.runtime.metrics.count_request(TRUNCATED, self.env.clock.monotonic() - self.started)
         self.out.clear()
         self.client.abort()
 

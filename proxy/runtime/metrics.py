@@ -118,7 +118,7 @@ class BreakerMetrics:
         # Only routes that retry have retry series (§3b); result → child.
         self.retries = {result: metrics.retries.labels(breaker, result)
                         for result in RETRY_RESULTS} if retries else {}
-        self._codes: dict[int, object] = {}
+        self._codes: dict[int | str, object] = {}
         self._removed = False
         self.show_state(State.CLOSED)
 
@@ -134,7 +134,8 @@ class BreakerMetrics:
         self._metrics.transitions.labels(self.name, transition.from_state.value,
                                          transition.to_state.value).inc()
 
-    def count_request(self, code: int, seconds: float) -> None:
+    def count_request(self, code: int | str, seconds: float) -> None:
+        """`code`: the status the client got, or "truncated" for an answer cut off mid-body."""
         child = self._codes.get(code)
         if child is None:
             if self._removed:

@@ -73,13 +73,17 @@ class _Job:
     lookup: Statement | None = None
     seen: tuple[tuple[Any, ...], ...] = ()  # what lookup returned when prepare ran
     statements: Sequence[Statement] = field(default=())
+    deadline: float | None = None  # loop time: not written at all unless begun before it
+
+    def is_late(self) -> bool:
+        return self.deadline is not None and asyncio.get_running_loop().time() > self.deadline
 
 
 class Storage:
     """The database file at `path`, its writer task and its one connection."""
 
     def __init__(self, path: str | Path, *, batch_max: int = 1000, flush_interval_s: float = 0.05,
-                 buffer_max: int = 20_000, busy_timeout_ms: int = 5000,
+                 buffer_max: int = 20_000, busy_timeout_ms: int = 1000,
                  schemas: Mapping[str, Sequence[str]] | None = None) -> None:
         """`schemas` replaces the registered ones (tests); None: every `register_schema`."""
         self.path = str(path)
@@ -185,7 +189,8 @@ class Storage:
         return True
 
     async def transact(self, prepare: Callable[..., Sequence[Statement]],
-                       undo: Callable[[], None] | None = None, *, lookup: Statement | None = None) -> None:
+                       undo: Callable[[], None] | None = None, *, lookup: Statement | None = None,
+                       within_s: float | None = None) -> None:
         """Run `prepare` in the writer's next transaction and return once it is committed.
 
         `prepare` runs on the event loop, serialised with every other job: it may check and
@@ -198,10 +203,17 @@ class Storage:
         same transaction after every earlier statement of the batch. Should the batch fail and
         the job be written alone, the lookup runs again first; rows that changed meanwhile make
         it StorageError (with `undo`) rather than a promise built on what is no longer there.
+
+        With `within_s`, a job the writer has not begun to write within that many seconds
+        (the database locked, the disk full and retried) is not written at all: StorageError,
+        and `undo` if it was prepared. So a caller that gives up on it never finds it
+        written later behind its back.
         """
         if self._writer is None or self._closing:
             raise StorageError(f"{self.path}: storage is not open")
-        job = _Job(prepare, undo, asyncio.get_running_loop().create_future(), lookup)
+        loop = asyncio.get_running_loop()
+        job = _Job(prepare, undo, loop.create_future(), lookup,
+                   deadline=None if within_s is None else loop.time() + within_s)
         self._jobs.append(job)
         self._wake.set()
         await asyncio.shield(job.future)
@@ -257,6 +269,9 @@ class Storage:
         ready: list[_Job] = []
         async with self._lock:
             for job in jobs:
+                if job.is_late():
+                    _settle(job.future, StorageError(f"{self.path}: not written in time"))
+                    continue
                 try:
                     job.statements = tuple(job.prepare())
                 except Exception as exc:  # noqa: BLE001  (a refusal: it belongs to the caller)
@@ -294,6 +309,9 @@ class Storage:
             looking_up = False
             try:
                 for index, job in enumerate(jobs):
+                    if job.is_late():
+                        _settle(job.future, StorageError(f"{self.path}: not written in time"))
+                        continue
                     if job.lookup is not None:
                         await self._execute(pending)
                         pending = []
@@ -349,6 +367,12 @@ class Storage:
                 log.error("storage: record dropped: %s: %s", statement[0].split("(")[0].strip(), exc)
         self.dropped += lost
         for job in jobs:
+            if job.is_late():
+                # Prepared, but its batch failed and it is too late to try it alone.
+                _settle(job.future, StorageError(f"{self.path}: not written in time"))
+                if job.undo is not None:
+                    job.undo()
+                continue
             try:
                 await self._commit(job.statements, job)
             except (sqlite3.Error, ValueError) as exc:

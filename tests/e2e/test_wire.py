@@ -276,6 +276,10 @@ async def test_upstream_breaking_off_mid_body_breaks_the_client_response(proxy):
     rest = await asyncio.wait_for(conn.reader.read(), 10)  # then the connection ends early
     assert rest == b"only part"
     assert (await breaker_calls(proxy))["failure"] == 1
+    async with proxy.session.get(proxy.url("/metrics")) as response:
+        lines = [line for line in (await response.text()).splitlines()
+                 if line.startswith('proxy_requests_total{breaker="up.default"')]
+    assert lines == ['proxy_requests_total{breaker="up.default",code="truncated"} 1.0']  # not a 200
 
 
 async def test_upstream_hanging_up_without_an_answer_is_502_and_a_failure(proxy):
