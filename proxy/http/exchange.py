@@ -267,17 +267,10 @@ class Exchange(Answering, Retrying):
         """The request's framing broke (400) or its chunked body grew too large (413): the
         client's fault, not the upstream's. An upstream that got part of it is cut off, so it
         never sees a request that looks complete."""
-        if self.state == DONE:
-            return
         state = self.state
-        self.state = DONE
-        self._cancel_deadline()
-        self._cancel_task()
-        self._drop_upstream()
-        self._release_permit()
-        self._leave()
-        if self.reader is not None:
-            self.reader.fail()
+        if state == DONE:
+            return
+        self._give_back()
         if state == STREAMING:
             self.client.abort()  # an answer is already under way: it cannot become an error
             return
@@ -421,8 +414,12 @@ class Exchange(Answering, Retrying):
 
     def on_client_lost(self) -> None:
         """Neither success nor failure (§3): the permit goes back, the slot is freed."""
-        if self.state == DONE:
-            return
+        if self.state != DONE:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        """End without an outcome: deadline, task, upstream connection, permit, bulkhead slot
+        and a waiting fallback's body reader each given back once."""
         self.state = DONE
         self._cancel_deadline()
         self._cancel_task()
