@@ -3,7 +3,7 @@
 Starts a static upstream, the naive aiohttp proxy and circuit-proxy on 127.0.0.1 (the proxies
 pinned to core 1, the load and the upstream to core 0 when there are two cores), runs the
 scenarios interleaved, prints a markdown table and writes JSON + markdown to bench/results/.
-Bounded: `--quick` takes about two minutes, the full run about ten.
+Bounded: `--quick` takes about three minutes, the full run about fifteen.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import procs, report, scenarios
+from bench import procs, report, resilience, scenarios
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -31,24 +31,26 @@ def log(message: str) -> None:
 
 
 def write_config(workdir: Path, upstream_port: int, faulty_port: int, reaction_services: list[str],
-                 name: str = "bench") -> Path:
+                 name: str = "bench", hang_services: list[str] | None = None,
+                 retry_services: list[str] | None = None) -> Path:
     """The config circuit-proxy runs with: the healthy service, two open-path services and
-    one fresh service per reaction run (so every run starts from a breaker that never opened)."""
+    one fresh service per reaction, hang or retry run (so every run starts from a breaker that
+    never opened, a slow threshold never learned and an unspent retry budget)."""
     (workdir / "config").mkdir(parents=True, exist_ok=True)
     (workdir / "fallback_responses").mkdir(exist_ok=True)
     (workdir / "fallback_responses" / "bench.json").write_text(json.dumps({
         "status": 200, "headers": {"Content-Type": "application/json"},
         "body": {"fallback": True, "breaker": "{{breaker}}"}}))
     reaction = ""
-    for name in reaction_services:
+    for service in reaction_services:  # not `name`: that one names the config and the database
         reaction += textwrap.dedent(f"""\
-          {name}:
+          {service}:
             upstream: http://127.0.0.1:{faulty_port}
             failure_threshold: {scenarios.FAILURE_THRESHOLD}
             timeout_ms: {scenarios.REACTION_TIMEOUT_MS}
             open_timeout_ms: {scenarios.REACTION_OPEN_MS}
             backoff_multiplier: 1.0
-            max_concurrent: {scenarios.BULKHEAD if name.endswith('_bh') else 0}
+            max_concurrent: {scenarios.BULKHEAD if service.endswith('_bh') else 0}
         """)
     text = textwrap.dedent(f"""\
         server: {{host: 127.0.0.1, port: 8080}}
@@ -72,7 +74,8 @@ def write_config(workdir: Path, upstream_port: int, faulty_port: int, reaction_s
             routes:
               default:
                 fallback: {{type: static, file: bench.json}}
-        """) + textwrap.indent(reaction, "  ")
+        """) + textwrap.indent(reaction, "  ") + resilience.services_yaml(
+            faulty_port, hang_services or [], retry_services or [])
     path = workdir / "config" / f"{name}.yaml"
     path.write_text(text)
     return path
@@ -89,7 +92,8 @@ async def run(args: argparse.Namespace) -> dict:
     plan = scenarios.Plan.make(quick=args.quick, duration=args.duration, reps=args.reps,
                                load_prefix=load_prefix, use_wrk=use_wrk,
                                budget_s=args.budget or (150 if args.quick else 900))
-    only = set(args.only.split(",")) if args.only else {"healthy", "open", "reaction", "queue"}
+    only = set(args.only.split(",")) if args.only else {"healthy", "open", "reaction", "hang", "retry",
+                                                        "queue"}
     workdir = Path(tempfile.mkdtemp(prefix="circuit-bench-"))
     log(f"working in {workdir}; load generator: {'wrk' if use_wrk else 'built-in'}; "
         f"pinning: {'proxies on core 1, load + upstream on core 0' if proxy_prefix else 'none'}")
@@ -108,7 +112,10 @@ async def run(args: argparse.Namespace) -> dict:
         faulty = procs.start_upstream(load_prefix, workdir, "faulty-upstream")
         started += [upstream, faulty]
         reaction_services = [f"r{i}{suffix}" for i in range(plan.reps * 3) for suffix in ("", "_bh")]
-        config = write_config(workdir, upstream.port, faulty.port, reaction_services)
+        hang_services = resilience.hang_services(plan.reps)
+        retry_services = resilience.retry_services(plan.reps)
+        config = write_config(workdir, upstream.port, faulty.port, reaction_services,
+                              hang_services=hang_services, retry_services=retry_services)
         circuit = procs.start_circuit_proxy(proxy_prefix, workdir, config,
                                             {"CIRCUIT_PROXY_ADMIN_TOKEN": "bench"})
         started.append(circuit)
@@ -131,6 +138,11 @@ async def run(args: argparse.Namespace) -> dict:
         if "reaction" in only:
             results["reaction"] = await scenarios.reaction(plan, circuit, naive_faulty, faulty,
                                                            reaction_services, log)
+        if "hang" in only:
+            results["hang"] = await resilience.hang(plan, circuit, naive_faulty, faulty, hang_services, log)
+        if "retry" in only:
+            results["retry"] = await resilience.retry_storm(plan, circuit, naive_faulty, faulty,
+                                                            retry_services, log)
         if "queue" in only:
             results["queue"] = await scenarios.queue_accept(plan, workdir, log)
     finally:
@@ -144,10 +156,10 @@ async def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (about 3 minutes)")
     parser.add_argument("--duration", type=float, help="seconds per closed-loop run")
     parser.add_argument("--reps", type=int, help="interleaved repetitions (medians are reported)")
-    parser.add_argument("--only", help="comma list of healthy,open,reaction,queue")
+    parser.add_argument("--only", help="comma list of healthy,open,reaction,hang,retry,queue")
     parser.add_argument("--loadgen", choices=("auto", "builtin"), default="auto",
                         help="auto: wrk when installed, else the built-in generator")
     parser.add_argument("--budget", type=float, help="seconds after which optional repetitions stop")

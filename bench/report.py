@@ -63,6 +63,8 @@ def render(results: dict) -> str:
                        "half-open probes", "time to fail fast ms",
                        "rejection p99 ms", "first success after heal ms", "all clear after heal ms"], rows)
         out.append("")
+    out += render_hang(results.get("hang") or [], meta)
+    out += render_retry(results.get("retry") or [])
     queue = results.get("queue")
     out += ["### Durable queue", ""]
     if queue:
@@ -71,6 +73,90 @@ def render(results: dict) -> str:
     else:
         out += ["- not measured in this run (bench/queue_accept.py absent, or not selected with --only)"]
     return "\n".join(out) + "\n"
+
+
+def render_hang(rows: list[dict], meta: dict) -> list[str]:
+    if not rows:
+        return []
+    out = [f"### Hang detection (steady 200 req/s; the upstream answers in ~1 ms, then hangs for "
+           f"{meta['reaction_fault_s']} s)", "",
+           "Routes: `timeout_ms: 1000`, `failure_threshold: 5`, `open_timeout_ms: 1000`; the §3a row adds "
+           "`slow_call_duration_ms: auto` and `max_slow_in_flight: 5`, learned over a 1.6 s warm-up (320 calls). "
+           "The naive proxy has the same 1 s timeout. Before open: calls that reached the upstream after it "
+           "began hanging and before the breaker first rejected one; during the hang: every call the upstream "
+           "received while hanging (half-open trials included).", ""]
+    table = []
+    for row in rows:
+        table.append([row["target"], "/".join(str(n) for n in row["leaked_each"]),
+                      "/".join(str(n) for n in row["leaked_total_each"]), _n(row["probes"], 0),
+                      _n(row["slow_threshold_ms"], 1), _n(row["time_to_fail_fast_ms"], 1),
+                      _n(row["time_to_first_success_ms"], 1)])
+    out += _table(["proxy", "calls leaked before open (each rep)", "upstream contacts during the hang (each rep)",
+                   "half-open trials", "slow threshold at the hang ms", "time to fail fast ms",
+                   "first success after heal ms"], table)
+    out += [""] + [f"- {line}" for line in hang_verdicts(rows)] + [""]
+    return out
+
+
+def hang_verdicts(rows: list[dict]) -> list[str]:
+    lines = []
+    for row in rows:
+        if row["variant"] == "auto" and row["leaked_each"]:
+            worst = max(row["leaked_each"])
+            lines.append(f"leak with `auto` + `max_slow_in_flight: 5`: {worst} at most "
+                         f"(target ≤ 10: {'met' if worst <= 10 else 'NOT met'})")
+    return lines
+
+
+def render_retry(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    phase_s = rows[0]["phase_s"]
+    out = [f"### Retry storm (steady 200 req/s; the upstream fails 20 % of calls at random for {phase_s:g} s, "
+           f"then 100 % for {phase_s:g} s)", "",
+           "Routes: `failure_threshold: 5`, `open_timeout_ms: 1000`, `timeout_ms: 1000`; retry rows add "
+           "`retry: {attempts: 2, backoff_ms: 25, budget_percent: 20}`; \"breaker cannot trip\" adds "
+           "`failure_threshold: 0, failure_rate_threshold: 0`. Each run starts on a fresh route, straight "
+           "into the 20 % phase. Amplification: upstream calls / client requests; second half: the same "
+           "over the second half of the phase.", ""]
+    table = []
+    for row in rows:
+        table.append([row["target"], f"{row['error_rate'] * 100:.0f} %",
+                      "/".join(_n(v, 1) for v in row["success_each"]),
+                      "/".join(_n(v, 3) for v in row["amplification_each"]),
+                      _n(row["amplification_second_half"], 3), _n(row["circuit_open"], 0),
+                      _n(row["client_requests"], 0)])
+    out += _table(["proxy", "upstream failing", "client success % (each rep)", "amplification (each rep)",
+                   "amplification, second half", "503 circuit_open", "client requests"], table)
+    retried = [row for row in rows if any(row.get("retries_each_run") or [])]
+    if retried:
+        out += ["", "Retries by result over each whole run (`circuit_breaker_retries_total`): " + "; ".join(
+            f"{row['target']}: " + " / ".join(
+                ", ".join(f"{k} {v}" for k, v in sorted(run.items())) for run in row["retries_each_run"])
+            for row in retried)]
+    out += [""] + [f"- {line}" for line in retry_verdicts(rows)] + [""]
+    return out
+
+
+def retry_verdicts(rows: list[dict]) -> list[str]:
+    lines = []
+    by = {(row["variant"], row["error_rate"]): row for row in rows}
+    for variant in ("retry", "retrynb", "retry25nb"):
+        full = by.get((variant, 1.0))
+        if full and full["amplification_each"] and variant != "retry25nb":
+            worst = max(full["amplification_each"])
+            floor = 1.2 + 1 / 200  # §3b's 1 retry/s floor on top of the 20 % at 200 req/s
+            verdict = ("met" if worst <= 1.2 else
+                       f"NOT met by {worst - 1.2:.3f}, within the 1 retry/s floor's {floor:.3f}"
+                       if worst <= floor else "NOT met")
+            lines.append(f"{full['target']}, 100 % failing: amplification {worst:.3f}× at most "
+                         f"(target ≤ 1.2×: {verdict})")
+        part = by.get((variant, 0.2))
+        if part and part["success_each"]:
+            worst = min(part["success_each"])
+            lines.append(f"{part['target']}, 20 % failing: client success {worst:.1f} % at least "
+                         f"(target ≥ 98 %: {'met' if worst >= 98 else 'NOT met'})")
+    return lines
 
 
 def verdicts(results: dict) -> list[str]:

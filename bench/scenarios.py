@@ -234,10 +234,13 @@ def _ms(seconds: float | None) -> float | None:
 # -- reaction -----------------------------------------------------------------------------------
 
 
-async def reaction_run(plan: Plan, faulty: Proc, port: int, path: str, fault: str) -> dict:
+async def reaction_run(plan: Plan, faulty: Proc, port: int, path: str, fault: str, *,
+                       warm: float = 1.0, extra_events: list | None = None) -> dict:
+    """One steady 200 req/s run: `warm` s healthy, the fault, then healed. `extra_events`
+    are more (seconds after start, coroutine function) pairs for the load generator."""
     await upstream_control(faulty, "mode/healthy")
     counts: dict[str, int] = {}
-    warm, fault_s, after_s = 1.0, plan.reaction_fault_s, plan.reaction_after_s
+    fault_s, after_s = plan.reaction_fault_s, plan.reaction_after_s
 
     async def fault_start() -> None:
         counts["at_fault"] = (await upstream_control(faulty, f"mode/{fault}"))["requests"]
@@ -246,7 +249,8 @@ async def reaction_run(plan: Plan, faulty: Proc, port: int, path: str, fault: st
         counts["at_heal"] = (await upstream_control(faulty, "mode/healthy"))["requests"]
 
     run = await loadgen.steady_rate("127.0.0.1", port, path, 200, warm + fault_s + after_s,
-                                    events=[(warm, fault_start), (warm + fault_s, heal)],
+                                    events=[(warm, fault_start), (warm + fault_s, heal),
+                                            *(extra_events or [])],
                                     timeout=REACTION_TIMEOUT_MS / 1000 * 5)
     fault_at, heal_at = run.marks["fault_start"], run.marks["heal"]
     during = [s for s in run.samples if fault_at <= s.scheduled < heal_at]

@@ -5,9 +5,11 @@
 Answers every request with a canned response: `/large…` → 1 MiB body, anything else → 100 B
 (both with Content-Length, keep-alive). Request bodies (Content-Length or chunked) are read
 and dropped. The control port takes `GET /mode/<mode>` (healthy | error | hang | refuse) and
-`GET /stats` → `{"requests": n, "mode": m}`:
+`GET /stats` → `{"requests": n, "errors": e, "mode": m, "error_rate": r}`:
 
-- `error`   every request gets `500` (a small JSON body);
+- `error`   every request gets `500` (a small JSON body); `GET /mode/error?rate=0.2` fails
+            that share of them at random (seeded, so runs are comparable) and answers the
+            others as `healthy` does;
 - `hang`    requests are read and counted but never answered;
 - `refuse`  the listener and every open connection are closed, so connects are refused;
             the next other mode re-opens the listener on the same port.
@@ -21,7 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
+from urllib.parse import parse_qs
 
 SMALL_BODY = b"x" * 99 + b"\n"  # 100 B
 LARGE_BODY = b"y" * (1024 * 1024)  # 1 MiB
@@ -45,7 +49,10 @@ class Upstream:
         self.host = host
         self.port = port
         self.mode = "healthy"
+        self.error_rate = 1.0  # share of requests `error` fails
+        self.rng = random.Random(1)
         self.requests = 0
+        self.errors = 0  # 500s answered
         self.connections: set[UpstreamProtocol] = set()
         self.server: asyncio.AbstractServer | None = None
 
@@ -57,8 +64,13 @@ class Upstream:
             self.port = self.server.sockets[0].getsockname()[1]
 
     async def set_mode(self, mode: str) -> None:
+        mode, _, query = mode.partition("?")
         if mode not in ("healthy", "error", "hang", "refuse"):
             raise ValueError(mode)
+        rate = float(parse_qs(query).get("rate", ["1.0"])[0])
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate {rate}")
+        self.error_rate = rate
         self.mode = mode
         if mode == "refuse":
             if self.server is not None:
@@ -124,11 +136,12 @@ class UpstreamProtocol(asyncio.Protocol):
         elif b"\r\ntransfer-encoding: chunked" in lower:
             self.chunked = True
         mode = upstream.mode
-        if mode == "healthy":
+        if mode == "error" and (upstream.error_rate >= 1.0 or upstream.rng.random() < upstream.error_rate):
+            upstream.errors += 1
+            self.transport.write(ERROR)
+        elif mode == "healthy" or mode == "error":
             path_start = head.find(b" ") + 1
             self.transport.write(LARGE if head.startswith(b"/large", path_start) else SMALL)
-        elif mode == "error":
-            self.transport.write(ERROR)
         # hang: counted, never answered; refuse: the connection is being closed
 
 
@@ -153,7 +166,9 @@ class ControlProtocol(asyncio.Protocol):
                 await self.upstream.set_mode(path[len("/mode/"):])
             except (ValueError, OSError) as exc:
                 status = f"400 {type(exc).__name__}"
-        document = json.dumps({"requests": self.upstream.requests, "mode": self.upstream.mode}).encode()
+        upstream = self.upstream
+        document = json.dumps({"requests": upstream.requests, "errors": upstream.errors,
+                               "mode": upstream.mode, "error_rate": upstream.error_rate}).encode()
         self.transport.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
                              f"Content-Length: {len(document)}\r\nConnection: close\r\n\r\n".encode()
                              + document)

@@ -2,7 +2,8 @@
 
 A timer handle per call costs more to create and cancel than everything else an exchange does
 in Python; a sweep over the calls in flight costs next to nothing, and a route's timeout fires
-at most `tick` late. Anything with `deadline` and `slow_at` attributes (loop time; 0: none)
+at most `tick` (5 ms) late; so does a call turning slow, which bounds how many calls a hang
+can take before `max_slow_in_flight` cuts it off. Anything with `deadline` and `slow_at` attributes (loop time; 0: none)
 and `on_deadline()` / `on_slow()` methods can be registered: client exchanges and replay
 calls alike. `slow_at` is when a call in flight becomes slow (§3a): the same sweep sees it,
 so hang detection costs no timer either.
@@ -25,7 +26,7 @@ class HasDeadline(Protocol):
 class Deadlines:
     __slots__ = ("_loop", "_tick", "_pending", "_handle")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 0.01) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 0.005) -> None:
         self._loop = loop
         self._tick = tick
         self._pending: set[HasDeadline] = set()
