@@ -9,6 +9,7 @@ and collects every problem before raising.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -68,6 +69,7 @@ _SERVER_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "max_connections": integer(1),
     "access_log": boolean,
     "log_format": choice("text", "json"),
+    "trusted_proxies": lambda value: value,  # checked entry by entry in _trusted_proxies
 }
 _STORAGE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "path": text,
@@ -112,6 +114,37 @@ def _alerts(ctx: Ctx, node: yaml.Node | None) -> AlertSettings:
         if url is not MISSING and hook_events is not MISSING:
             hooks.append(Webhook(url=url, events=hook_events))
     return AlertSettings(webhooks=tuple(hooks))
+
+
+def _trusted_proxies(ctx: Ctx, server_node: yaml.Node | None) -> tuple[str, ...] | object:
+    """`server.trusted_proxies`: a list of IPv4/IPv6 networks (CIDR; a bare address is a /32 or
+    /128, host bits are ignored), each problem reported on its own entry's line."""
+    entries = mapping(ctx, server_node, "server") if server_node is not None else None
+    if not entries or "trusted_proxies" not in entries:
+        return MISSING
+    node = entries["trusted_proxies"][1]
+    path = "server.trusted_proxies"
+    if is_null(node):
+        return ()
+    if not isinstance(node, yaml.SequenceNode):
+        ctx.report(node, path, "must be a list of IP networks (CIDR), e.g. [10.0.0.0/8]")
+        return MISSING
+    networks: list[str] = []
+    ok = True
+    for index, item in enumerate(node.value):
+        value = scalar(ctx, item, f"{path}[{index}]", text)
+        if value is MISSING:
+            ok = False
+            continue
+        try:
+            network = ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            ctx.report(item, f"{path}[{index}]", f"not an IPv4 or IPv6 network (CIDR): {value!r}")
+            ok = False
+            continue
+        if str(network) not in networks:
+            networks.append(str(network))
+    return tuple(networks) if ok else MISSING
 
 
 def _match(ctx: Ctx, node: yaml.Node | None, path: str) -> Match:
@@ -302,7 +335,12 @@ def parse_settings(text: str, *, source: str, environ: Mapping[str, str] | None 
         return entries[name][1] if name in entries else None
 
     fallback_dir = config_path.resolve().parent.parent / "fallback_responses" if config_path else None
-    server = _build(ServerSettings, section_values(ctx, section("server"), "server", _SERVER_SCHEMA))
+    server_values = section_values(ctx, section("server"), "server", _SERVER_SCHEMA)
+    server_values.pop("trusted_proxies", None)
+    trusted = _trusted_proxies(ctx, section("server"))
+    if trusted is not MISSING:
+        server_values["trusted_proxies"] = trusted
+    server = _build(ServerSettings, server_values)
     storage = _build(StorageSettings, section_values(ctx, section("storage"), "storage", _STORAGE_SCHEMA))
     admin = _build(AdminSettings, section_values(ctx, section("admin"), "admin", _ADMIN_SCHEMA))
     alerts = _alerts(ctx, section("alerts"))

@@ -135,6 +135,11 @@ class ServerSettings:
     max_connections: int = 10_000
     access_log: bool = False
     log_format: Literal["text", "json"] = "text"
+    # Networks (CIDR, normalised) whose X-Forwarded-For/-Host/-Proto are believed: a client
+    # connecting from one gets X-Forwarded-For appended to; any other's are dropped and
+    # replaced by what the proxy saw. None (not written): every client is appended to, as §2
+    # says; () (written empty): no client is trusted.
+    trusted_proxies: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

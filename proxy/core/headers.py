@@ -5,7 +5,9 @@ Pure: no asyncio, aiohttp, SQLite or Prometheus; works on any multimapping of st
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
+from functools import lru_cache
 
 HOP_BY_HOP = frozenset({
     "connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade",
@@ -26,10 +28,30 @@ def connection_named(values: Iterable[str]) -> set[str]:
     return named
 
 
+@lru_cache(maxsize=16)
+def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)
+
+
+def client_is_trusted(client_ip: str | bytes | None, proxies: tuple[str, ...]) -> bool:
+    """Whether a direct client at `client_ip` is in one of the `proxies` networks (CIDR), so
+    that its X-Forwarded-* headers may be believed. Meant to be asked once per connection."""
+    if not proxies or not client_ip:
+        return False
+    try:
+        address = ipaddress.ip_address(client_ip.decode() if isinstance(client_ip, bytes) else client_ip)
+    except ValueError:
+        return False  # not an IP (e.g. a Unix socket): never trusted
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
+    return any(address in network for network in _networks(proxies))
+
+
 def upstream_request_headers(items: Iterable[tuple[str, str]], connection: list[str], *,
                              client_ip: str | None, proto: str, host: str | None,
-                             ) -> list[tuple[str, str]]:
-    """End-to-end request headers plus X-Forwarded-For/-Proto/-Host, as a list of pairs."""
+                             trust_forwarded: bool = True) -> list[tuple[str, str]]:
+    """End-to-end request headers plus X-Forwarded-For/-Proto/-Host, as a list of pairs.
+    Without `trust_forwarded`, an incoming X-Forwarded-For is dropped, not appended to."""
     drop = _REQUEST_DROP | connection_named(connection) if connection else _REQUEST_DROP
     out: list[tuple[str, str]] = []
     forwarded_for: list[str] = []
@@ -38,7 +60,8 @@ def upstream_request_headers(items: Iterable[tuple[str, str]], connection: list[
         if lower in drop:
             continue
         if lower == "x-forwarded-for":
-            forwarded_for.append(value)
+            if trust_forwarded:
+                forwarded_for.append(value)
             continue
         out.append((name, value))
     if client_ip:
@@ -72,10 +95,12 @@ Field = tuple[bytes, bytes, bytes]  # (name as sent, lower-case name, value)
 def upstream_request_head(method: bytes, target: bytes, fields: Iterable[Field],
                           connection_tokens: frozenset[bytes] | None, *, host: bytes,
                           client_ip: bytes | None, proto: bytes, forwarded_host: bytes | None,
-                          framing: bytes = b"") -> bytes:
+                          framing: bytes = b"", trust_forwarded: bool = True) -> bytes:
     """The request head for the upstream hop: end-to-end fields as sent (hop-by-hop ones and
     those named in Connection dropped), `Host` of the upstream, X-Forwarded-For/-Proto/-Host,
-    then `framing` (e.g. `Transfer-Encoding: chunked\\r\\n`)."""
+    then `framing` (e.g. `Transfer-Encoding: chunked\\r\\n`). X-Forwarded-Proto and -Host are
+    always the proxy's own; an incoming X-Forwarded-For is appended to only with
+    `trust_forwarded` (the client is a trusted proxy), else dropped."""
     drop = _REQUEST_DROP_BYTES | connection_tokens if connection_tokens else _REQUEST_DROP_BYTES
     parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     forwarded_for: list[bytes] | None = None
@@ -83,6 +108,8 @@ def upstream_request_head(method: bytes, target: bytes, fields: Iterable[Field],
         if lname in drop:
             continue
         if lname == _XFF:
+            if not trust_forwarded:
+                continue
             if forwarded_for is None:
                 forwarded_for = []
             forwarded_for.append(value)

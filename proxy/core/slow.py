@@ -63,6 +63,8 @@ class SlowThreshold:
             # Only successes: a failure's duration is a timeout or a refusal, not the route's
             # normal latency.
             sketch.add(duration, now)
+            if sketch.count == AUTO_MIN_SAMPLES:
+                self._records = AUTO_RECOMPUTE_EVERY  # learned from the 100th call on, not the 128th
         self._records += 1
         if self._records >= AUTO_RECOMPUTE_EVERY:
             self._records = 0

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # Exchange states this module sets (the same numbers as in `exchange`).
 FALLBACK, DONE = 4, 5
+# What only a trusted proxy may tell (server.trusted_proxies): from anyone else, a fallback
+# (and a queued request's stored headers) never sees them.
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
 
 
 class Answering:
@@ -145,8 +148,10 @@ class Answering:
         request = self.request
         if request is None:
             head = self.head
+            trusted = getattr(self.client, "trusted", True)
             headers = CIMultiDict((name.decode("latin-1"), value.decode("latin-1"))
-                                  for name, _, value in head.fields)
+                                  for name, lname, value in head.fields
+                                  if trusted or lname not in _FORWARDED)
             peer = self.client.peer_ip
             request = self.request = Request(
                 head.method.decode("ascii"), head.target.decode("latin-1"), headers,

@@ -15,11 +15,13 @@ import asyncio
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from proxy.config.load import RESERVED_SERVICE_NAMES as RESERVED
 from proxy.core import outcome
+from proxy.core.headers import client_is_trusted
 from proxy.core.routing import has_dot_segment, split_service
 from proxy.http import wire
 from proxy.http.control_call import ControlCall
@@ -34,6 +36,20 @@ log = logging.getLogger(__name__)
 PIPELINE_LIMIT = 256 * 1024  # bytes of queued requests held before reading pauses
 DISCARD_LIMIT = 1024 * 1024  # request body left unread after an answer that is still read and dropped
 LINGER_S = 2.0
+
+
+def _climbs(path: str) -> bool:
+    """A dot-segment (`..`, `%2e`) in the path, or in it percent-decoded once or twice with
+    backslashes read as slashes: what an upstream that decodes (again) would resolve upwards
+    (`..%2f`, `..%5c`, `..\\`, `%252e%252e`, `%252e%252e%252f`)."""
+    if has_dot_segment(path):
+        return True
+    if "%" not in path and "\\" not in path:
+        return False
+    once = unquote(path).replace("\\", "/")
+    if has_dot_segment(once):
+        return True
+    return "%" in once and has_dot_segment(unquote(once).replace("\\", "/"))
 
 
 class Incoming:
@@ -51,9 +67,9 @@ class Incoming:
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("server", "transport", "parser", "peer_ip", "peername", "idle_since", "lost",
+    __slots__ = ("server", "transport", "parser", "peer_ip", "peername", "trusted", "idle_since", "lost",
                  "writable", "handler", "current", "answered", "_queue", "_queued_bytes", "_parsing",
-                 "_url", "_fields", "_head_size", "_in_head", "_feeding", "_serving", "_paused_by",
+                 "_url", "_fields", "_head_size", "_in_head", "_progress", "_unparsed", "_feeding", "_serving", "_paused_by",
                  "_closing", "_lingering", "_drain_waiter", "_watched", "_watched_mark", "_watch_since")
 
     def __init__(self, server: Server) -> None:
@@ -62,6 +78,9 @@ class ClientConnection(asyncio.Protocol):
         self.parser: HttpRequestParser | None = HttpRequestParser(self)
         self.peer_ip: bytes | None = None
         self.peername: Any = None
+        # The client's X-Forwarded-* are believed: always (§2) unless server.trusted_proxies
+        # is written, then only for a client in one of its networks.
+        self.trusted = True
         self.idle_since = server.loop.time()
         self.lost = False
         self.writable = True
@@ -75,6 +94,11 @@ class ClientConnection(asyncio.Protocol):
         self._fields: list[tuple[bytes, bytes, bytes]] = []
         self._head_size = 0
         self._in_head = False
+        # Bytes fed since a callback last delivered something counted against a limit (URL,
+        # header, body byte, end of head or message): httptools holds a header line until it
+        # ends and llhttp skips chunk extensions unseen, so neither may grow without bound.
+        self._progress = 0
+        self._unparsed = 0
         self._feeding = False  # inside llhttp's callbacks
         self._serving = False  # inside _serve (an answer may come before it returns)
         self._paused_by: set[str] = set()
@@ -101,6 +125,9 @@ class ClientConnection(asyncio.Protocol):
         self.peername = transport.get_extra_info("peername")
         if self.peername:
             self.peer_ip = str(self.peername[0]).encode()
+            proxies = server.registry.settings.server.trusted_proxies
+            if proxies is not None:  # decided once per connection, never per request
+                self.trusted = bool(proxies) and client_is_trusted(self.peer_ip, proxies)
         server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -166,6 +193,7 @@ class ClientConnection(asyncio.Protocol):
         if parser is None:
             return  # refused or upgraded: what the client still sends is dropped
         error: HttpError | None = None
+        progress = self._progress
         self._feeding = True
         try:
             parser.feed_data(data)
@@ -183,6 +211,14 @@ class ClientConnection(asyncio.Protocol):
                 error = HttpError(400, f"malformed request: {exc}")
         finally:
             self._feeding = False
+        if error is None and self._progress == progress and self._parsing is not None:
+            self._unparsed += len(data)
+            if self._unparsed > self.server.max_header_bytes + 1024:
+                # A header line or a chunk-size line (extensions) that does not end (§7.1.1).
+                error = (HttpError(431, "header line too long") if self._in_head
+                         else HttpError(400, "chunk extension or trailer line too long"))
+        else:
+            self._unparsed = 0
         if error is not None:
             self._broken(error)
         self._advance()
@@ -197,14 +233,19 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = True
 
     def on_url(self, url: bytes) -> None:
+        self._progress += 1
         self._url += url
         if len(self._url) > self.server.max_line:
             raise HttpError(431, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # trailers of a chunked body: not forwarded
+        self._progress += 1
         self._head_size += len(name) + len(value) + 4
+        if not self._in_head:
+            # Trailers of a chunked body: never forwarded, but bounded like a header section.
+            if self._head_size > self.server.max_header_bytes:
+                raise HttpError(431, "trailer section too large")
+            return
         if self._head_size > self.server.max_header_bytes:
             raise HttpError(431, "header section too large")
         self._fields.append((name, name.lower(), value.rstrip(b" \t")))
@@ -214,6 +255,8 @@ class ClientConnection(asyncio.Protocol):
         incoming = self._parsing
         assert parser is not None and incoming is not None
         self._in_head = False
+        self._head_size = 0  # the trailer section gets a budget of its own
+        self._progress += 1
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise HttpError(505, "HTTP version not supported")
@@ -227,6 +270,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         incoming = self._parsing
         assert incoming is not None
+        self._progress += 1
         incoming.received += len(body)
         if incoming.received > self.server.max_body_bytes:
             raise HttpError(413, "payload too large")  # a chunked body past the limit
@@ -243,6 +287,7 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading("pipeline")
 
     def on_message_complete(self) -> None:
+        self._progress += 1
         incoming = self._parsing
         assert incoming is not None
         self._parsing = None
@@ -304,10 +349,13 @@ class ClientConnection(asyncio.Protocol):
         if target[:1] != b"/":
             self._refuse(HttpError(400, "only origin-form request targets are served"))
             return
+        if b"#" in target:  # llhttp passes a fragment on; it is no part of a request (RFC 9112 §3.2)
+            self._refuse(HttpError(400, "a request target has no fragment"))
+            return
         query_at = target.find(b"?")
         path = target if query_at < 0 else target[:query_at]
         path_str = path.decode("latin-1")
-        if (b"." in path or b"%" in path) and has_dot_segment(path_str):
+        if (b"." in path or b"%" in path) and _climbs(path_str):
             self._refuse(HttpError(400, "dot-segments are not allowed in the path"))
             return
         service, rest = split_service(path_str)

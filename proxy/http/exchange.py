@@ -55,6 +55,7 @@ class Downstream(Protocol):
     """What an exchange may do to its client connection."""
 
     peer_ip: bytes | None
+    trusted: bool  # the client is a trusted proxy (server.trusted_proxies): X-Forwarded-For kept
     writable: bool
     lost: bool
 
@@ -214,7 +215,8 @@ class Exchange(Answering, Retrying):
         data = upstream_request_head(
             head.method, target.base_path + self.target, head.fields, head.connection_tokens,
             host=target.host_header, client_ip=self.client.peer_ip, proto=self.env.scheme,
-            forwarded_host=head.host, framing=framing)
+            forwarded_host=head.host, framing=framing,
+            trust_forwarded=getattr(self.client, "trusted", True))
         if self.buffered is not None:
             data += self.buffered
         elif self.pending:

@@ -17,15 +17,24 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
 
 
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f)}
+
+
 def _quote(value: object) -> str:
-    text = str(value)
+    """A value on one line: control characters (CR, LF, …) escaped, so nothing a client sent
+    (a path, a header) can start a line of its own in the log."""
+    text = str(value).translate(_CONTROL)
     return f'"{text}"' if (" " in text or not text) else text
+
+
+_ONE_LINE = {code: f"\\x{code:02x}" for code in (0x0a, 0x0d)}
 
 
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname} {record.name}: {record.getMessage()}"
+        message = record.getMessage().translate(_ONE_LINE)
+        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname} {record.name}: {message}"
         extras = _extras(record)
         if extras:
             line += " " + " ".join(f"{k}={_quote(v)}" for k, v in extras.items())

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import re
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from typing import Any
 import aiosqlite
 
 log = logging.getLogger(__name__)
+
+COMPLAIN_EVERY_S = 10.0  # a storage trouble is logged at most this often, with a count
 
 Params = Sequence[Any]
 Statement = tuple[str, Params]
@@ -92,6 +95,7 @@ class Storage:
         self._flush_interval_s = flush_interval_s
         self._buffer_max = buffer_max
         self._busy_timeout_ms = busy_timeout_ms
+        self._complaints: dict[str, tuple[float, int]] = {}  # topic → (last logged, since then)
         self._conn: aiosqlite.Connection | None = None
         self._records: deque[Statement] = deque()
         self._jobs: list[_Job] = []
@@ -229,6 +233,36 @@ class Storage:
         async with self._lock:
             return list(await self._conn.execute_fetchall(sql, params))
 
+    # -- limits (for operators and tests) -----------------------------------------------------
+
+    async def set_max_pages(self, pages: int) -> int:
+        """For operators and tests: cap the file size in pages (`PRAGMA max_page_count` on this
+        connection, not stored in the file); returns the cap now in force.
+
+        SQLite never sets it below the file's current size, so a small `pages` means "no room
+        to grow": writes that need a new page fail as on a full disk (SQLITE_FULL), with what
+        that implies (queue acceptance 503 `queue_unavailable`, records dropped and counted).
+        Raise it again to give the room back; nothing else needs to be restarted. Runs between
+        two transactions of the writer (under its lock)."""
+        if self._conn is None:
+            raise StorageError(f"{self.path}: storage is not open")
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(f"PRAGMA max_page_count = {int(pages)}")
+        return int(next(iter(rows))[0])
+
+    async def set_read_only(self, read_only: bool) -> None:
+        """For operators and tests: refuse (True) or allow again (False) every write on this
+        connection (`PRAGMA query_only`), as if the file had become read-only; reads go on.
+
+        Writes then fail as they would on a read-only file (SQLITE_READONLY), with what that
+        implies (queue acceptance 503 `queue_unavailable`, records dropped and counted). Unlike
+        a chmod, it works for root too and on a connection that is already open. Runs between
+        two transactions of the writer (under its lock)."""
+        if self._conn is None:
+            raise StorageError(f"{self.path}: storage is not open")
+        async with self._lock:
+            await self._conn.execute_fetchall(f"PRAGMA query_only = {'ON' if read_only else 'OFF'}")
+
     # -- the writer ------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -280,13 +314,15 @@ class Storage:
                 statements.extend(job.statements)
                 ready.append(job)
             if not statements:
+                for job in ready:  # promises with nothing to write are kept at once
+                    _settle(job.future, None)
                 return
             try:
                 await self._commit(statements)
             except (sqlite3.Error, ValueError) as exc:
                 # One bad statement must not sink the others: write each part alone.
-                log.warning("storage: batch of %d statements failed (%s); retrying them one by one",
-                            len(statements), exc)
+                self._complain("batch", "storage: batch of %d statements failed (%s); retrying them "
+                               "one by one", len(statements), exc)
                 await self._write_alone(records, ready)
                 return
         for job in ready:
@@ -304,10 +340,12 @@ class Storage:
         ready: list[_Job] = []
         pending = list(records)
         async with self._lock:
-            await conn.execute_fetchall("BEGIN IMMEDIATE")
             index = 0
             looking_up = False
             try:
+                # Inside the try: a database that refuses to begin (read-only, locked) is a
+                # failed batch like any other, not a bug of the writer.
+                await conn.execute_fetchall("BEGIN IMMEDIATE")
                 for index, job in enumerate(jobs):
                     if job.is_late():
                         _settle(job.future, StorageError(f"{self.path}: not written in time"))
@@ -336,10 +374,14 @@ class Storage:
                 if looking_up:  # its own query failed: retrying it could fail forever
                     _settle(jobs[index].future, StorageError(f"{self.path}: lookup failed: {exc}"))
                     index += 1
-                # Jobs whose prepare never ran go to the next batch, untouched.
-                self._jobs[:0] = jobs[index:]
-                log.warning("storage: batch of %d records and %d promises failed (%s); retrying them "
-                            "one by one", len(records), len(ready), exc)
+                # Jobs whose prepare never ran go to the next batch, untouched, unless their
+                # time is up: then they are refused now, before the records are retried.
+                for job in jobs[index:]:
+                    if job.is_late():
+                        _settle(job.future, StorageError(f"{self.path}: not written in time"))
+                self._jobs[:0] = [job for job in jobs[index:] if not job.future.done()]
+                self._complain("batch", "storage: batch of %d records and %d promises failed (%s); "
+                               "retrying them one by one", len(records), len(ready), exc)
                 await self._write_alone(records, ready)
                 return
             except BaseException:
@@ -357,6 +399,20 @@ class Storage:
             except sqlite3.Error:
                 log.exception("storage: rollback failed")
 
+    def _complain(self, topic: str, message: str, *args: object, level: int = logging.WARNING) -> None:
+        """Log a storage trouble at most once per COMPLAIN_EVERY_S per topic, with how many
+        times it happened meanwhile: a broken disk must not turn every request into a log line."""
+        now = time.monotonic()
+        count = self._complaints.get(topic, (0.0, 0))[1] + 1
+        last = self._complaints.get(topic, (-COMPLAIN_EVERY_S, 0))[0]
+        if now - last < COMPLAIN_EVERY_S:
+            self._complaints[topic] = (last, count)
+            return
+        self._complaints[topic] = (now, 0)
+        if count > 1:
+            message += f" ({count - 1} more since the last such line)"
+        log.log(level, message, *args)
+
     async def _write_alone(self, records: list[Statement], jobs: list[_Job]) -> None:
         lost = 0
         for statement in records:
@@ -364,7 +420,8 @@ class Storage:
                 await self._commit([statement])
             except (sqlite3.Error, ValueError) as exc:
                 lost += 1
-                log.error("storage: record dropped: %s: %s", statement[0].split("(")[0].strip(), exc)
+                self._complain("dropped", "storage: record dropped: %s: %s",
+                               statement[0].split("(")[0].strip(), exc, level=logging.ERROR)
         self.dropped += lost
         for job in jobs:
             if job.is_late():

@@ -1087,16 +1087,19 @@ def test_auto_is_the_timeout_until_enough_successes_were_seen() -> None:
     assert rig.breaker.view().slow_threshold_ms == rig.breaker.slow_threshold_s() * 1000
 
 
-def test_auto_is_recomputed_every_64_records_only() -> None:
+def test_auto_is_learned_at_the_100th_success_then_recomputed_every_64_records_only() -> None:
     rig = auto_rig()
-    for _ in range(128):
+    for _ in range(99):
         rig.call(failed=False, duration=0.1)
+    assert rig.breaker.slow_threshold_s() == 5.0  # timeout_ms until 100 calls were seen
+    rig.call(failed=False, duration=0.1)
     first = rig.breaker.slow_threshold_s()
+    assert first == learned([0.1] * 100)
     for _ in range(63):
         rig.call(failed=False, duration=0.5)  # p99 moves at once, the cached value does not
     assert rig.breaker.slow_threshold_s() == first
     rig.call(failed=False, duration=0.5)
-    assert rig.breaker.slow_threshold_s() == learned([0.1] * 128 + [0.5] * 64)
+    assert rig.breaker.slow_threshold_s() == learned([0.1] * 100 + [0.5] * 64)
     assert rig.breaker.slow_threshold_s() >= 2.0
 
 
