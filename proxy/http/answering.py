@@ -16,11 +16,10 @@ from proxy.core.outcome import Reason
 from proxy.fallbacks.base import FallbackContext
 from proxy.http import wire
 from proxy.http.body import BodyReader, SENT_UPSTREAM
+from proxy.http.states import DONE, FALLBACK
 
 log = logging.getLogger(__name__)
 
-# Exchange states this module sets (the same numbers as in `exchange`).
-FALLBACK, DONE = 4, 5
 # What only a trusted proxy may tell (server.trusted_proxies): from anyone else, a fallback
 # (and a queued request's stored headers) never sees them.
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})

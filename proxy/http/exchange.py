@@ -35,13 +35,12 @@ from proxy.http.head import RequestHead, ResponseHead
 from proxy.http.tls import connect_error
 from proxy.http.answering import Answering
 from proxy.http.retrying import Retrying
+from proxy.http.states import CONNECTING, DONE, RETRY_WAIT, SENT, STREAMING, WAITING
 from proxy.http.upstream import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection, UpstreamPool
 from proxy.runtime.registry import RouteRuntime
 
 log = logging.getLogger(__name__)
 
-# Exchange states (RETRY_WAIT: backing off before the next attempt, §3b)
-WAITING, CONNECTING, SENT, STREAMING, FALLBACK, DONE, RETRY_WAIT = range(7)
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # a stale pooled connection, resent
 _IN_FLIGHT = (CONNECTING, SENT, STREAMING)
 TRUNCATED = "truncated"  # the `code` of an answer the upstream broke off mid-body

@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.core.breaker import State
+from proxy.http.states import RETRY_WAIT
 
-# Exchange state this module sets (the same number as in `exchange`).
-RETRY_WAIT = 6
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 _IDEMPOTENCY_KEY = b"idempotency-key"
 _NO_RETRY_STATES = (State.OPEN, State.FORCED_OPEN)

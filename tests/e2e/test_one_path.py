@@ -14,6 +14,7 @@ import socket
 import pytest
 
 from tests.e2e.test_wire import Conn, Upstream
+from tests.raw_server import RawServer
 
 CONFIG = """
     storage: {path: $db}
@@ -142,19 +143,16 @@ async def test_a_warm_connection_keeps_serving_proxied_requests_after_reserved_o
     assert [head.split(b" ")[1] for head, _ in upstream.received] == [b"/ok"] * 3
 
 
-class EofReader:
+class EofReader(RawServer):
     """The naive upstream a new user might run: reads a request until EOF, then answers.
     Records what it read and how the read ended ("eof" or "reset")."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.reads: list[tuple[bytes, str]] = []
         self.connections = 0
         self.got_bytes = asyncio.Event()
         self.done = asyncio.Event()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

@@ -14,6 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.raw_server import RawServer
+
 CONFIG = """
     storage: {path: $db}
     server: {max_body_bytes: 100000}
@@ -24,22 +26,13 @@ CONFIG = """
 """
 
 
-class Upstream:
+class Upstream(RawServer):
     """A raw upstream: each request is answered by `answer(head, body)` → bytes (or None to
     hang up without an answer). Records every request head and body it received."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.received: list[tuple[bytes, bytes]] = []
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.e2e.test_fallbacks_restart import ProxyProcess
+from tests.raw_server import RawServer
 
 N = 60
 MIN_KILLS = 20
@@ -44,25 +45,16 @@ CONFIG = """
 """
 
 
-class RecordingUpstream:
+class RecordingUpstream(RawServer):
     """Records (life of the proxy, Idempotency-Key) of every request, then answers 201 after
     DELAY_S. `open` counts its connections, so a test can wait until a dead proxy's last bytes
     have been read."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.deliveries: list[tuple[int, str]] = []
         self.life = 0
         self.open = 0
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.open += 1

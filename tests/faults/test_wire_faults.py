@@ -14,6 +14,8 @@ import socket
 import struct
 import time
 
+from tests.raw_server import RawServer
+
 CONFIG = """
     storage: {path: $db}
     defaults: {failure_threshold: 1000, failure_rate_threshold: 0, slow_call_rate_threshold: 0,
@@ -33,25 +35,16 @@ CONFIG = """
 """
 
 
-class RawUpstream:
+class RawUpstream(RawServer):
     """Answers `/reset` with a head and part of its body, then RST (SO_LINGER 0 + close);
     `/fail` with 500; anything else with 200 once the whole request body is in. Counts the
     connections it has open and the request heads it got."""
 
     def __init__(self) -> None:
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
+        super().__init__()
         self.open = 0
         self.heads: list[bytes] = []
         self.head_seen = asyncio.Event()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.open += 1
