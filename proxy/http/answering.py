@@ -134,6 +134,8 @@ class Answering:
         answer.headers["X-Circuit-Breaker"] = runtime.name
         answer.headers["X-Circuit-State"] = view.state.value
         answer.headers["X-Fallback"] = fallback.type
+        if runtime.retry is not None and reason in outcome.LET_THROUGH:
+            answer.headers["X-Retry-Count"] = str(self.attempt)  # §3b: after its last attempt
         if runtime.metrics.fallback is not None:
             runtime.metrics.fallback.inc()
         if self.env.fallback_log is not None:

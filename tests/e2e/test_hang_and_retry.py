@@ -47,6 +47,12 @@ CONFIG = """
       gone:
         upstream: http://127.0.0.1:$closed_port
         retry: {attempts: 2, backoff_ms: 1, budget_percent: 100}
+      gonefb:
+        upstream: http://127.0.0.1:$closed_port
+        retry: {attempts: 2, backoff_ms: 1, budget_percent: 100}
+        routes:
+          default:
+            fallback: {type: static, file: service-unavailable.json}
 """
 
 
@@ -222,3 +228,12 @@ async def test_a_refused_connection_is_retried_within_the_budget_then_answered_5
     assert (await entry(proxy, "gone.default"))["calls"] == {"success": 0, "failure": 2, "rejected": 0}
     assert await metric(proxy, 'circuit_breaker_retries_total{breaker="gone.default",result="failure"}') == 1.0
     assert await metric(proxy, 'circuit_breaker_retries_total{breaker="gone.default",result="budget_exhausted"}') == 1.0
+
+
+async def test_a_fallback_after_retries_says_how_many_were_made(start_proxy, upstream):
+    proxy = await start_proxy(CONFIG, up=f"http://127.0.0.1:{upstream.port}", closed_port=str(closed_port()),
+                              clock=FakeClock())
+    async with proxy.session.get(proxy.url("/gonefb/x")) as response:
+        assert (response.status, response.headers["X-Fallback"], response.headers["X-Retry-Count"]) == (
+            503, "static", "1")
+    assert (await entry(proxy, "gonefb.default"))["calls"] == {"success": 0, "failure": 2, "rejected": 0}
