@@ -23,6 +23,7 @@ from proxy.config.model import (
     POLICY_KEYS,
     AdminSettings,
     AlertSettings,
+    ClusterSettings,
     FallbackSpec,
     Match,
     Route,
@@ -37,7 +38,8 @@ from proxy.config.nodes import (
     MISSING, Ctx, is_null, join, mapping, scalar, section_values, unknown_keys,
 )
 from proxy.config.values import (
-    boolean, choice, events, file_name, http_url, integer, methods, number, path_prefix, regex, text,
+    boolean, choice, events, file_name, http_url, integer, methods, number, path_prefix, postgres_url, regex,
+    text,
 )
 from proxy.config.fallback_options import FALLBACK_TYPES, validate_fallback_options
 from proxy.config.policy import Layer, effective_policy, env_layer, policy_layer
@@ -73,11 +75,18 @@ _SERVER_SCHEMA: dict[str, Callable[[Any], Any]] = {
 }
 _STORAGE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "path": text,
+    "url": postgres_url,
+    "url_env": text,
     "snapshot_interval_s": number(0.1),
     "retention_hours": number(0.01),
 }
 _ADMIN_SCHEMA: dict[str, Callable[[Any], Any]] = {"token_env": text}
-_TOP_KEYS = ("server", "storage", "admin", "alerts", "defaults", "services")
+_CLUSTER_SCHEMA: dict[str, Callable[[Any], Any]] = {
+    "share_breakers": boolean,
+    "quorum": integer(1),
+    "node_id": text,
+}
+_TOP_KEYS = ("server", "storage", "admin", "cluster", "alerts", "defaults", "services")
 _SERVICE_KEYS = ("upstream", "tls", "routes", *POLICY_KEYS)
 _TLS_FILES = ("ca_file", "client_cert", "client_key")
 _TLS_SCHEMA: dict[str, Callable[[Any], Any]] = {**dict.fromkeys(_TLS_FILES, file_name), "verify": boolean}
@@ -302,6 +311,16 @@ def _services(ctx: Ctx, node: yaml.Node | None, base_layers: list[Layer],
     return tuple(services)
 
 
+def _check_fleet(ctx: Ctx, entries: dict[str, Any], storage: StorageSettings,
+                 cluster: ClusterSettings) -> None:
+    """`storage.url` and `storage.url_env` name one database; sharing needs PostgreSQL (§8)."""
+    if storage.url is not None and storage.url_env is not None:
+        ctx.report(entries["storage"][1], "storage.url_env", "give either storage.url or storage.url_env, not both")
+    if cluster.share_breakers and storage.url is None and storage.url_env is None:
+        node = entries["cluster"][1]
+        ctx.report(node, "cluster.share_breakers", "needs a PostgreSQL storage (storage.url or storage.url_env)")
+
+
 def _build(cls: type, values: dict[str, Any]) -> Any:
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in known})
@@ -341,7 +360,10 @@ def parse_settings(text: str, *, source: str, environ: Mapping[str, str] | None 
     if trusted is not MISSING:
         server_values["trusted_proxies"] = trusted
     server = _build(ServerSettings, server_values)
-    storage = _build(StorageSettings, section_values(ctx, section("storage"), "storage", _STORAGE_SCHEMA))
+    storage_values = section_values(ctx, section("storage"), "storage", _STORAGE_SCHEMA)
+    storage = _build(StorageSettings, storage_values)
+    cluster = _build(ClusterSettings, section_values(ctx, section("cluster"), "cluster", _CLUSTER_SCHEMA))
+    _check_fleet(ctx, entries, storage, cluster)
     admin = _build(AdminSettings, section_values(ctx, section("admin"), "admin", _ADMIN_SCHEMA))
     alerts = _alerts(ctx, section("alerts"))
     defaults_layer = Layer({}, {})
@@ -359,7 +381,8 @@ def parse_settings(text: str, *, source: str, environ: Mapping[str, str] | None 
         ctx.report(root, "services", "required: at least one service")
     if ctx.problems:
         raise ConfigError(ctx.problems)
-    return Settings(server=server, storage=storage, admin=admin, alerts=alerts, services=services,
+    return Settings(server=server, storage=storage, admin=admin, cluster=cluster, alerts=alerts,
+                    services=services,
                     config_path=config_path, fallback_dir=fallback_dir)
 
 

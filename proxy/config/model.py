@@ -145,8 +145,20 @@ class ServerSettings:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StorageSettings:
     path: str = "var/circuit-proxy.db"
+    # PostgreSQL instead of SQLite (§8): written in the file, or read from the environment
+    # variable named by url_env (so a password can come from a Kubernetes Secret).
+    url: str | None = None
+    url_env: str | None = None
     snapshot_interval_s: float = 10.0
     retention_hours: float = 24.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterSettings:
+    """A fleet of proxies sharing breaker state through the PostgreSQL storage (§8)."""
+    share_breakers: bool = False
+    quorum: int = 1
+    node_id: str | None = None  # default: host name + process id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,6 +182,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     services: tuple[Service, ...] = ()
     config_path: Path | None = None

@@ -134,6 +134,21 @@ def http_url(value: Any) -> str:
     return string.rstrip("/")
 
 
+def postgres_url(value: Any) -> str:
+    """A PostgreSQL connection URL (libpq style, as asyncpg takes it) with a host or a socket."""
+    string = text(value)
+    try:
+        parts = urlsplit(string)
+        port = parts.port
+    except ValueError as exc:
+        raise Invalid(f"malformed URL: {exc}") from None  # the URL may hold a password: not echoed
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise Invalid("not a postgresql:// URL")
+    if port == 0:
+        raise Invalid("port must be 1..65535")
+    return string
+
+
 def events(value: Any) -> frozenset[str]:
     if not isinstance(value, list) or not value:
         raise Invalid(f"not a non-empty list of events: {value!r}")
