@@ -125,3 +125,21 @@ async def start_proxy(write_config: Callable[..., Path]) -> AsyncIterator[Callab
     yield start
     for running in reversed(started):
         await running.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One real PostgreSQL for the session (tests/pg_server.py), started on first use."""
+    from tests.pg_server import PgServer  # noqa: PLC0415  (only the fleet tests need it)
+    server = PgServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server, request: pytest.FixtureRequest) -> str:
+    """A fresh database of its own for each test."""
+    name = "t_" + "".join(ch if ch.isalnum() else "_" for ch in request.node.name.lower())[:40]
+    name = f"{name}_{time.monotonic_ns() % 10**9}"
+    return pg_server.create_database(name)
