@@ -122,7 +122,8 @@ async def run(args: argparse.Namespace) -> dict:
         naive = procs.start_naive(proxy_prefix, workdir, upstream.port, 5.0)
         naive_faulty = procs.start_naive(proxy_prefix, workdir, faulty.port,
                                          scenarios.REACTION_TIMEOUT_MS / 1000, "naive-faulty")
-        started += [naive, naive_faulty]
+        bare = procs.start_bare_relay(proxy_prefix, workdir, upstream.port)
+        started += [naive, naive_faulty, bare]
         others = []
         for index, spec in enumerate(args.also or []):
             label, _, root = spec.partition("=")
@@ -132,7 +133,8 @@ async def run(args: argparse.Namespace) -> dict:
                                                     root=Path(root).resolve(), name=f"circuit-proxy@{label}"))
         started += others
         if "healthy" in only:
-            results["healthy"] = await scenarios.healthy(plan, upstream, naive, circuit, log, others)
+            results["healthy"] = await scenarios.healthy(plan, upstream, naive, circuit, log, others,
+                                                          bare=bare)
         if "open" in only:
             results["open_path"] = await scenarios.open_path(plan, circuit, faulty, log)
         if "reaction" in only:

@@ -142,6 +142,19 @@ def start_naive(prefix: list[str], logdir: Path, upstream_port: int, timeout_s: 
     return Proc(name, popen, int(line[1]), {}, log)
 
 
+def start_bare_relay(prefix: list[str], logdir: Path, upstream_port: int, name: str = "bare") -> Proc:
+    """bench/bare_relay.py: the uvloop + httptools floor, no features."""
+    log = logdir / f"{name}.log"
+    popen = subprocess.Popen([*prefix, sys.executable, "-m", "bench.bare_relay", "--port", "0",
+                              "--upstream-port", str(upstream_port)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=log.open("w"), text=True)
+    line = popen.stdout.readline().split() if popen.stdout else []
+    if len(line) != 2 or line[0] != "ready":
+        popen.kill()
+        raise RuntimeError(f"{name} did not start: {line!r}; see {log}")
+    return Proc(name, popen, int(line[1]), {}, log)
+
+
 def start_circuit_proxy(prefix: list[str], logdir: Path, config: Path, env: dict[str, str], *,
                         root: Path = ROOT, name: str = "circuit-proxy") -> Proc:
     """`python -m proxy run` from `root` (another checkout, to compare revisions)."""

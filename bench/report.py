@@ -180,6 +180,20 @@ def verdicts(results: dict) -> list[str]:
                              f"(target ≥ 4×: {'met' if ratio >= 4 else 'NOT met'}); p99 at 200 req/s "
                              f"{_n(row['steady_p99_ms'], 3)} ms (target < 1 ms: "
                              f"{'met' if (row['steady_p99_ms'] or 99) < 1 else 'NOT met'})")
+    bare = healthy.get(("100B", 50, "bare relay (floor)"))
+    if bare and ours and bare.get("cpu_s_per_1k") and ours.get("cpu_s_per_1k"):
+        us = ours["cpu_s_per_1k"] * 1000  # CPU-s per 1k requests → µs per request
+        floor = bare["cpu_s_per_1k"] * 1000
+        lines.append(f"100 B, 50 conns: {us:.1f} µs CPU per request, {us / floor:.2f}× the bare relay's "
+                     f"{floor:.1f} µs (target ≤ 25 µs and ≤ 2.3× the floor: "
+                     f"{'met' if us <= 25 and us / floor <= 2.3 else 'NOT met'})")
+    base = healthy.get(("100B", 50, "circuit-proxy"))
+    wide = healthy.get(("100B", 1000, "circuit-proxy"))
+    if base and wide and base.get("cpu_s_per_1k") and wide.get("cpu_s_per_1k"):
+        growth = wide["cpu_s_per_1k"] / base["cpu_s_per_1k"]
+        lines.append(f"1,000 conns: CPU per request {growth:.2f}× the 50-connection figure, "
+                     f"{wide.get('errors', 0)} socket errors (target ≤ 1.5× and none: "
+                     f"{'met' if growth <= 1.5 and not wide.get('errors') else 'NOT met'})")
     large = healthy.get(("1MB", 50, "circuit-proxy"))
     if large and large.get("rss_growth_mb") is not None:
         lines.append(f"1 MB bodies at 50 conns: peak RSS growth {large['rss_growth_mb']:.1f} MB "

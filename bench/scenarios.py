@@ -41,7 +41,7 @@ class Plan:
         if quick:
             matrix = [("100B", 1), ("100B", 50), ("100B", 200), ("1MB", 50)]
         else:
-            matrix = [(body, c) for body in ("100B", "1MB") for c in (1, 50, 200)]
+            matrix = [(body, c) for body in ("100B", "1MB") for c in (1, 50, 200)] + [("100B", 1000)]
         return cls(quick=quick, duration=duration or (2.0 if quick else 5.0),
                    reps=reps or (1 if quick else 3), healthy_matrix=matrix,
                    steady_seconds=3.0 if quick else 6.0, reaction_fault_s=2.5 if quick else 3.0,
@@ -149,10 +149,12 @@ def summarize(runs: list[dict]) -> dict:
 
 
 async def healthy(plan: Plan, upstream: Proc, naive: Proc, circuit: Proc, log,
-                  others: list[Proc] | None = None) -> list[dict]:
+                  others: list[Proc] | None = None, bare: Proc | None = None) -> list[dict]:
     paths = {"100B": "/small", "1MB": "/large"}
-    targets = [("upstream (direct)", None, upstream.port, ""), ("naive aiohttp proxy", naive, naive.port, ""),
-               ("circuit-proxy", circuit, circuit.port, "/bench")]
+    targets = [("upstream (direct)", None, upstream.port, ""), ("naive aiohttp proxy", naive, naive.port, "")]
+    if bare is not None:  # the floor: uvloop + httptools, nothing else (bench/bare_relay.py)
+        targets.append(("bare relay (floor)", bare, bare.port, ""))
+    targets.append(("circuit-proxy", circuit, circuit.port, "/bench"))
     targets += [(other.name, other, other.port, "/bench") for other in others or []]
     # Warm-up: connections pooled, code paths hot, allocator grown to its working size.
     for _, proc, port, prefix in targets:
