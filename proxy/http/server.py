@@ -32,10 +32,22 @@ REFUSAL_LOG_INTERVAL_S = 1.0
 
 def fit_open_files(wanted: int) -> int:
     """Raise this process's open-file limit as far as the system allows, and the number of
-    client connections that fit in it: each may hold an upstream connection too (§1a)."""
+    client connections that fit in it: each may hold an upstream connection too (§1a).
+    A privileged process (root, CAP_SYS_RESOURCE) may raise the hard limit itself, up to
+    the kernel's `fs.nr_open`; any other raises its soft limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * wanted + RESERVED_FDS
+    if hard != resource.RLIM_INFINITY and hard < need:
+        ceiling = min(need, _kernel_file_ceiling())
+        if ceiling > hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+                log.info("open-file limit raised from %d to %d", soft, ceiling)
+                soft = hard = ceiling
+            except (ValueError, OSError):
+                pass  # not privileged: the soft limit can still go up to the hard one
     if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 2 * wanted + RESERVED_FDS)
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, need)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             log.info("open-file limit raised from %d to %d", soft, target)
@@ -48,6 +60,15 @@ def fit_open_files(wanted: int) -> int:
                     wanted, fits, soft)
         return fits
     return wanted
+
+
+def _kernel_file_ceiling() -> int:
+    """The most open files the kernel lets one process have (Linux `fs.nr_open`)."""
+    try:
+        with open("/proc/sys/fs/nr_open", encoding="ascii") as file:  # noqa: PTH123  (start-up only)
+            return int(file.read().strip())
+    except (OSError, ValueError):
+        return 1 << 20
 
 
 class Server:

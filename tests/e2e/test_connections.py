@@ -116,11 +116,31 @@ async def test_one_connection_over_max_connections_is_closed_at_once_and_logged(
         conn.close()
 
 
-def test_max_connections_is_lowered_to_fit_the_open_file_limit():
+def _fit_probe(wanted: int, limit: int, *, unprivileged: bool = False) -> list[str]:
     probe = ("import logging, resource, sys; logging.basicConfig(stream=sys.stdout, format='%(message)s', "
-             "level=logging.INFO); resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
-             "from proxy.http.server import fit_open_files; print(fit_open_files(10000))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+             f"level=logging.INFO); resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
+             f"from proxy.http.server import fit_open_files; print(fit_open_files({wanted}))")
+    command = [sys.executable, "-c", probe]
+    if unprivileged and _may_raise_hard_limit():
+        command = ["setpriv", "--bounding-set=-sys_resource", "--", *command]  # CAP_SYS_RESOURCE off
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
+    return result.stdout.splitlines()
+
+
+def _may_raise_hard_limit() -> bool:
+    """Whether a process started here may raise its hard open-file limit (CAP_SYS_RESOURCE)."""
+    probe = ("import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+             "resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard + 1))")
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60).returncode == 0
+
+
+def test_max_connections_is_lowered_to_fit_the_open_file_limit():
+    # Unprivileged: the hard limit cannot be raised, so max_connections shrinks to fit it.
+    assert _fit_probe(10000, 256, unprivileged=True) == [
         "max_connections lowered from 10000 to 96 to fit the open-file limit (256)", "96"]
+
+
+@pytest.mark.skipif(not _may_raise_hard_limit(), reason="needs CAP_SYS_RESOURCE to raise a hard limit")
+def test_a_privileged_proxy_raises_its_hard_limit_to_fit_max_connections():
+    assert _fit_probe(10000, 256) == ["open-file limit raised from 256 to 20064", "10000"]
