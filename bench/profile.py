@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--body", choices=("small", "large"), default="small")
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([*load_prefix, "wrk", "-t1", "-c", str(args.connections), "-d", "2s", url],
                            capture_output=True, check=True)  # warm: connections, pools, caches
             collapsed = workdir / "stacks.txt"
-            spy = subprocess.Popen([py_spy, "record", "-p", str(circuit.pid), "-r", "100", "-d",
+            spy = subprocess.Popen([py_spy, "record", "-p", str(circuit.pid), "-r", str(args.rate), "-d",
                                     str(int(args.seconds) + 1), "-f", "raw", "-o", str(collapsed)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)  # py-spy attached
