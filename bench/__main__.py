@@ -21,7 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import procs, report, resilience, scenarios
+from bench import fleet, procs, report, resilience, scenarios
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,7 +93,7 @@ async def run(args: argparse.Namespace) -> dict:
                                load_prefix=load_prefix, use_wrk=use_wrk,
                                budget_s=args.budget or (150 if args.quick else 900))
     only = set(args.only.split(",")) if args.only else {"healthy", "open", "reaction", "hang", "retry",
-                                                        "queue"}
+                                                        "queue", "fleet"}
     workdir = Path(tempfile.mkdtemp(prefix="circuit-bench-"))
     log(f"working in {workdir}; load generator: {'wrk' if use_wrk else 'built-in'}; "
         f"pinning: {'proxies on core 1, load + upstream on core 0' if proxy_prefix else 'none'}")
@@ -147,6 +147,8 @@ async def run(args: argparse.Namespace) -> dict:
                                                             retry_services, log)
         if "queue" in only:
             results["queue"] = await scenarios.queue_accept(plan, workdir, log)
+        if "fleet" in only:  # its own upstream, proxies and PostgreSQL (bench/fleet.py)
+            results["fleet"] = await fleet.scenario(plan.quick, log)
     finally:
         for proc in reversed(started):
             proc.stop()
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (about 3 minutes)")
     parser.add_argument("--duration", type=float, help="seconds per closed-loop run")
     parser.add_argument("--reps", type=int, help="interleaved repetitions (medians are reported)")
-    parser.add_argument("--only", help="comma list of healthy,open,reaction,hang,retry,queue")
+    parser.add_argument("--only", help="comma list of healthy,open,reaction,hang,retry,queue,fleet")
     parser.add_argument("--loadgen", choices=("auto", "builtin"), default="auto",
                         help="auto: wrk when installed, else the built-in generator")
     parser.add_argument("--budget", type=float, help="seconds after which optional repetitions stop")
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         results = asyncio.run(run(args))
     text = report.render(results)
+    if results.get("fleet"):
+        text += "\n\n### Fleet (bench/fleet.py)\n\n" + fleet.render(results["fleet"]) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + ("-quick" if args.quick else "")

@@ -14,6 +14,7 @@ import signal
 import sys
 
 from .control import FakeUpstreams
+from .page import DEFAULT_STATUS_URL
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="control port; the services take the next four (default 9100, 0 = ephemeral)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--status-url", default=DEFAULT_STATUS_URL,
+                        help=f"the proxy's status page, linked from the control page (default {DEFAULT_STATUS_URL})")
     args = parser.parse_args(argv)
     if not 0 <= args.base_port <= 65535 - 4:
         parser.error(f"--base-port must be from 0 to 65531, got {args.base_port}")
     return args
 
 
-async def serve(host: str, base_port: int) -> int:
+async def serve(host: str, base_port: int, status_url: str = DEFAULT_STATUS_URL) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    fakes = FakeUpstreams(host=host, base_port=base_port)
+    fakes = FakeUpstreams(host=host, base_port=base_port, status_url=status_url)
     try:
         await fakes.start()
     except OSError as exc:
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return asyncio.run(serve(args.host, args.base_port))
+    return asyncio.run(serve(args.host, args.base_port, args.status_url))
 
 
 if __name__ == "__main__":

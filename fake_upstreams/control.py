@@ -14,11 +14,12 @@ import logging
 import time
 from collections.abc import Awaitable
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
 from .modes import ModeError, ModeSpec, make_mode, parse_mode
-from .page import PAGE_HTML
+from .page import DEFAULT_STATUS_URL, form_mode, render_page
 from .server import SHUTDOWN_TIMEOUT_S, Clock, Listener, ServiceServer, format_url
 from .services import SERVICE_CLASSES, SERVICE_NAMES, ApiError, Service, json_errors
 
@@ -40,10 +41,13 @@ class FakeUpstreams:
     """The control server on `base_port`, payment … shipping on the next four ports."""
 
     def __init__(
-        self, host: str = "127.0.0.1", base_port: int = 9100, *, clock: Clock = time.monotonic
+        self, host: str = "127.0.0.1", base_port: int = 9100, *, clock: Clock = time.monotonic,
+        status_url: str = DEFAULT_STATUS_URL,
     ) -> None:
+        """`status_url`: the proxy's status page, linked from the control page."""
         self.host = host
         self.base_port = base_port
+        self.status_url = status_url
         self._clock = clock
         self._servers: dict[str, ServiceServer] = {}
         self._control_runner: web.AppRunner | None = None
@@ -183,7 +187,44 @@ async def _reopening(server: ServiceServer, change: Awaitable[None]) -> None:
 
 @CONTROL_ROUTES.get("/")
 async def page(request: web.Request) -> web.Response:
-    return web.Response(text=PAGE_HTML, content_type="text/html", charset="utf-8")
+    fakes = _fakes(request)
+    html = render_page(fakes.describe(), status_url=fakes.status_url, control_url=fakes.control_url,
+                       notice=request.query.get("notice", ""), problem=request.query.get("problem", ""))
+    return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+
+def _back_to_page(**said: str) -> web.HTTPSeeOther:
+    """After a form: 303 to the page, which says what happened (POST/redirect/GET)."""
+    return web.HTTPSeeOther(location="/?" + urlencode(said))
+
+
+@CONTROL_ROUTES.post("/page/services/{name}/mode")
+async def page_set_mode(request: web.Request) -> web.Response:
+    """The page's form: like `PUT /services/<name>/mode`, answered with a redirect to `/`."""
+    name = request.match_info["name"]
+    form = {key: str(value) for key, value in (await request.post()).items()}
+    try:
+        server = _fakes(request).server(name)
+        spec = parse_mode(form_mode(form))
+        await server.set_mode(spec)
+    except (UnknownServiceError, ModeError) as exc:
+        raise _back_to_page(problem=f"{name}: {exc}") from None
+    except OSError as exc:
+        raise _back_to_page(problem=f"{name}: cannot listen on its port again: {exc}") from None
+    options = " ".join(f"{key}={value}" for key, value in spec.options().items())
+    raise _back_to_page(notice=f"{name} is now {spec.mode.value} {options}".rstrip())
+
+
+@CONTROL_ROUTES.post("/page/services/{name}/reset")
+async def page_reset(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    try:
+        await _fakes(request).server(name).reset()
+    except UnknownServiceError as exc:
+        raise _back_to_page(problem=str(exc)) from None
+    except OSError as exc:
+        raise _back_to_page(problem=f"{name}: cannot listen on its port again: {exc}") from None
+    raise _back_to_page(notice=f"{name} reset: healthy, no records")
 
 
 @CONTROL_ROUTES.get("/services")

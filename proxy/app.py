@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
 from collections.abc import Callable
@@ -18,41 +19,52 @@ from collections.abc import Callable
 from proxy.config.model import Settings
 from proxy.core.clock import Clock, SystemClock
 from proxy.fallbacks.build import FallbackDeps, build_fallback
+from proxy.fallbacks.cache_store import CacheStore
 from proxy.fallbacks.log import FallbackLog
 from proxy.fallbacks.queue import QueueBook
 from proxy.http.client import UpstreamClient
 from proxy.http.server import Server, make_env
 from proxy.http.tls import client_contexts
 from proxy.ops.control import ControlPlane
+from proxy.ops.status import Scenarios
+from proxy.runtime.cluster import Cluster, database_url
 from proxy.runtime.metrics import Metrics
 from proxy.runtime.persistence import Persistence
 from proxy.runtime.probes import Prober
 from proxy.runtime.registry import Registry, ReloadResult, RouteRuntime
-from proxy.storage.sqlite import Storage
+from proxy.storage import storage_for
 
 log = logging.getLogger(__name__)
 
 
 class App:
     def __init__(self, settings: Settings, *, clock: Clock | None = None,
-                 rng: random.Random | None = None, admin_token: str | None = None) -> None:
+                 rng: random.Random | None = None, admin_token: str | None = None,
+                 scenarios: Scenarios | None = None) -> None:
+        """`scenarios`: the demo's, started from the status page (`circuit-proxy demo`)."""
         self.settings = settings
         self.clock = clock or SystemClock()
         self.metrics = Metrics()
-        self.storage = Storage(settings.storage.path)
-        self.queues = QueueBook(self.storage, self.clock, self.metrics)
+        # SQLite, or the fleet's PostgreSQL (§8); the URL may come from the environment.
+        self.storage = storage_for(settings.storage, os.environ)
+        self.queues = QueueBook(self.storage, self.clock, self.metrics, node_id=settings.cluster.node_id)
+        self.cache_store = CacheStore(self.storage, self.clock)
         deps = FallbackDeps(clock=self.clock, fallback_dir=settings.fallback_dir, storage=self.storage,
-                            metrics=self.metrics, queues=self.queues)
+                            metrics=self.metrics, queues=self.queues, cache_store=self.cache_store)
         self.registry = Registry(settings, self.clock, self.metrics,
                                  lambda route, upstream: build_fallback(route, deps), rng=rng)
         deps.registry = self.registry
         self.queues.attach(self.registry)
         self.fallback_log = FallbackLog(self.storage, self.clock)
         self.persistence = Persistence(self.registry, self.storage, self.metrics)
+        # §8: breakers shared with the fleet through PostgreSQL, on a connection of its own.
+        self.cluster = (Cluster(settings, self.registry, self.clock, self.metrics, url=database_url(settings))
+                        if settings.cluster.share_breakers else None)
         # Routes with `probe` recover without customer traffic: the proxy sends the trials.
         self.prober = Prober(self.registry, self.clock)
         self.control = ControlPlane(settings, self.registry, self.metrics, queues=self.queues.statuses,
-                                    admin_token=admin_token)
+                                    admin_token=admin_token, queue_book=self.queues, storage=self.storage,
+                                    scenarios=scenarios)
         self.reloader = self.control.reloader
         self.reloader.add_listener(self.persistence.on_reload)
         self.reloader.add_listener(self.prober.on_reload)
@@ -85,6 +97,13 @@ class App:
         await self.storage.open()
         # Stored breaker states are back before anything is served or replayed (§6).
         await self.persistence.start()
+        if self.cluster is not None:  # in step with the fleet before the first request
+            await self.cluster.start()
+            self.control.board.cluster = self.cluster.status
+            self.reloader.add_listener(self.cluster.on_reload)
+        # Last-known-good answers are back too, with their true age (§5 cache).
+        await self.cache_store.restore()
+        self.cache_store.start()
         env = make_env(loop, self.clock, fallback_log=self.fallback_log, tls_for=self.tls_for)
         self.queues.client = UpstreamClient(env.pool, env.deadlines, tls_for=lambda url: self._tls.get(url))
         self.prober.client = self.queues.client  # the same pooled client as queue replay
@@ -109,7 +128,10 @@ class App:
         await self.control.stop()
         await self.prober.stop()
         await self.queues.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.persistence.stop()
+        await self.cache_store.stop()  # what the last requests taught is written too
         if server is not None:
             server.env.deadlines.close()
             server.env.pool.close()

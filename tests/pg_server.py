@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -101,6 +102,15 @@ class PgServer:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+            # Gone, or a zombie nobody reaps (a container's PID 1 may not): then its pid file
+            # would make the next start refuse ("Is another postmaster running?").
+            for _ in range(500):
+                stat = Path(f"/proc/{pid}/stat")
+                if not stat.exists() or stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+                    break
+                time.sleep(0.02)
+            pid_file.unlink(missing_ok=True)
+            (self.root / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
 
     def close(self) -> None:
         self.stop()

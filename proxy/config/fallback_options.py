@@ -10,9 +10,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from proxy.config.values import unknown_key
 from proxy.core.template import TemplateError, load_response_file
 
 FALLBACK_TYPES = ("static", "cache", "queue", "table")
+# Keys of every fallback mapping, beside its type's options (the loader reads these two).
+COMMON_KEYS = ("type", "on_failure")
+# Each type's options, as the checks below read them (docs/configuration.md lists them all).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "static": ("file", "status"),
+    "cache": ("max_age_s", "max_entries", "scale", "default_file", "max_body_bytes", "max_bytes"),
+    "queue": ("max_depth", "max_attempts", "max_body_bytes", "amount_field", "floor_limit",
+              "exposure_cap", "retry_base_ms", "retry_max_ms", "replay_timeout_ms"),
+    "table": ("key", "zones", "rows", "default_row", "weight_field", "status"),
+}
+ROW_KEYS = ("cost", "per_kg", "currency", "eta_days", "carrier")  # a table row's fields
 
 Report = Callable[[str | None, str], None]
 
@@ -35,7 +47,8 @@ def _is_number(value: Any) -> bool:
 
 
 class _Checker:
-    def __init__(self, raw: dict[str, Any], report: Report, fallback_dir: Path | None) -> None:
+    def __init__(self, kind: str, raw: dict[str, Any], report: Report, fallback_dir: Path | None) -> None:
+        self.kind = kind
         self.raw = raw
         self.report = report
         self.fallback_dir = fallback_dir
@@ -45,10 +58,11 @@ class _Checker:
         self.ok = False
         self.report(key, message)
 
-    def known(self, *keys: str) -> None:
+    def known(self) -> None:
+        keys = OPTIONS[self.kind]
         for key in self.raw:
             if key not in keys:
-                self.fail(key, f"unknown option for this fallback type (known: {', '.join(keys)})")
+                self.fail(key, unknown_key(key, (*COMMON_KEYS, *keys), f"option for a {self.kind} fallback"))
 
     def integer(self, key: str, default: int | None, minimum: int) -> int | None:
         value = self.raw.get(key, default)
@@ -97,7 +111,7 @@ class _Checker:
 
 
 def _static(c: _Checker) -> dict[str, Any]:
-    c.known("file", "status")
+    c.known()
     status = c.raw.get("status")
     if status is not None and (not _is_int(status) or not 100 <= status <= 599):
         c.fail("status", f"must be an HTTP status 100..599, got {status!r}")
@@ -105,7 +119,7 @@ def _static(c: _Checker) -> dict[str, Any]:
 
 
 def _cache(c: _Checker) -> dict[str, Any]:
-    c.known("max_age_s", "max_entries", "scale", "default_file", "max_body_bytes", "max_bytes")
+    c.known()
     scale = c.raw.get("scale", {})
     if not isinstance(scale, dict) or not all(
             isinstance(k, str) and _is_number(v) and v >= 0 for k, v in scale.items()):
@@ -122,8 +136,7 @@ def _cache(c: _Checker) -> dict[str, Any]:
 
 
 def _queue(c: _Checker) -> dict[str, Any]:
-    c.known("max_depth", "max_attempts", "max_body_bytes", "amount_field", "floor_limit",
-            "exposure_cap", "retry_base_ms", "retry_max_ms", "replay_timeout_ms")
+    c.known()
     options = {
         "max_depth": c.integer("max_depth", 10_000, 1),
         "max_attempts": c.integer("max_attempts", 8, 1),
@@ -144,11 +157,8 @@ def _queue(c: _Checker) -> dict[str, Any]:
     return options
 
 
-_ROW_KEYS = ("cost", "per_kg", "currency", "eta_days", "carrier")
-
-
 def _table(c: _Checker) -> dict[str, Any]:
-    c.known("key", "zones", "rows", "default_row", "weight_field", "status")
+    c.known()
     key = c.text("key", "destination.country")
     weight_field = c.text("weight_field", "weight_kg")
     zones = c.raw.get("zones", {})
@@ -169,9 +179,9 @@ def _table(c: _Checker) -> dict[str, Any]:
         if not isinstance(row, dict) or not _is_number(row.get("cost")):
             c.fail("rows", f"row {name!r} needs a numeric cost")
             continue
-        unknown = [k for k in row if k not in _ROW_KEYS]
+        unknown = [k for k in row if k not in ROW_KEYS]
         if unknown:
-            c.fail("rows", f"row {name!r}: unknown field {unknown[0]!r} (known: {', '.join(_ROW_KEYS)})")
+            c.fail("rows", f"row {name!r}: {unknown[0]}: {unknown_key(str(unknown[0]), ROW_KEYS, 'field')}")
         if "per_kg" in row and not _is_number(row["per_kg"]):
             c.fail("rows", f"row {name!r}: per_kg must be a number")
     for value, zone in zones.items():
@@ -198,6 +208,6 @@ _CHECKS: dict[str, Callable[[_Checker], dict[str, Any]]] = {
 def validate_fallback_options(kind: str, raw: dict[str, Any], fallback_dir: Path | None,
                               report: Report) -> dict[str, Any] | None:
     """The options with defaults filled in, or None after reporting every problem."""
-    checker = _Checker(raw, report, fallback_dir)
+    checker = _Checker(kind, raw, report, fallback_dir)
     options = _CHECKS[kind](checker)
     return options if checker.ok else None

@@ -9,10 +9,9 @@ and collects every problem before raising.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import yaml
 from proxy.config.model import (
     POLICY_KEYS,
     AdminSettings,
-    AlertSettings,
     ClusterSettings,
     FallbackSpec,
     Match,
@@ -31,18 +29,18 @@ from proxy.config.model import (
     Service,
     Settings,
     StorageSettings,
-    TlsSettings,
-    Webhook,
 )
-from proxy.config.nodes import (
-    MISSING, Ctx, is_null, join, mapping, scalar, section_values, unknown_keys,
-)
+from proxy.config.nodes import MISSING, Ctx, is_null, join, mapping, scalar, section_values, unknown_keys
 from proxy.config.values import (
-    boolean, choice, events, file_name, http_url, integer, methods, number, path_prefix, postgres_url, regex,
-    text,
+    PROBE_VALUES, RETRY_VALUES, boolean, choice, http_url, methods, path_prefix, regex,
 )
-from proxy.config.fallback_options import FALLBACK_TYPES, validate_fallback_options
-from proxy.config.policy import Layer, effective_policy, env_layer, policy_layer
+from proxy.config.fallback_options import COMMON_KEYS, FALLBACK_TYPES, OPTIONS, validate_fallback_options
+from proxy.config.sections import (
+    ADMIN_SCHEMA, ALERTS_KEYS, CLUSTER_SCHEMA, SERVER_SCHEMA, STORAGE_SCHEMA, TLS_SCHEMA, WEBHOOK_KEYS,
+    alerts as alert_settings,
+    check_fleet, tls as tls_settings, trusted_proxies,
+)
+from proxy.config.policy import WINDOW_KEYS, Layer, effective_policy, env_layer, policy_layer
 
 RESERVED_SERVICE_NAMES = frozenset({"status", "status.json", "metrics", "healthz", "admin"})
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -57,103 +55,49 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def by_line(problems: list[str], source: str) -> list[str]:
+    """Problems in the order of the file's lines (a file-wide one first, the environment's
+    last), each line's in the order found: a reader fixes them top to bottom."""
+    prefix = f"{source}:"
+
+    def line(problem: str) -> tuple[int, int]:
+        if not problem.startswith(prefix):
+            return (1, 0)  # `env NAME: ...`
+        number = problem[len(prefix):].split(":", 1)[0]
+        return (0, int(number)) if number.isdigit() else (0, 0)
+    return sorted(problems, key=line)
+
+
 # --- sections -----------------------------------------------------------------------------
 
-_SERVER_SCHEMA: dict[str, Callable[[Any], Any]] = {
-    "host": text,
-    "port": integer(0, 65535),
-    "max_body_bytes": integer(1),
-    "max_header_bytes": integer(256),
-    "drain_timeout_s": number(0.0),
-    "header_timeout_ms": integer(1),
-    "body_timeout_ms": integer(1),
-    "idle_timeout_ms": integer(1),
-    "max_connections": integer(1),
-    "access_log": boolean,
-    "log_format": choice("text", "json"),
-    "trusted_proxies": lambda value: value,  # checked entry by entry in _trusted_proxies
-}
-_STORAGE_SCHEMA: dict[str, Callable[[Any], Any]] = {
-    "path": text,
-    "url": postgres_url,
-    "url_env": text,
-    "snapshot_interval_s": number(0.1),
-    "retention_hours": number(0.01),
-}
-_ADMIN_SCHEMA: dict[str, Callable[[Any], Any]] = {"token_env": text}
-_CLUSTER_SCHEMA: dict[str, Callable[[Any], Any]] = {
-    "share_breakers": boolean,
-    "quorum": integer(1),
-    "node_id": text,
-}
 _TOP_KEYS = ("server", "storage", "admin", "cluster", "alerts", "defaults", "services")
 _SERVICE_KEYS = ("upstream", "tls", "routes", *POLICY_KEYS)
-_TLS_FILES = ("ca_file", "client_cert", "client_key")
-_TLS_SCHEMA: dict[str, Callable[[Any], Any]] = {**dict.fromkeys(_TLS_FILES, file_name), "verify": boolean}
 _ROUTE_KEYS = ("match", "fallback", *POLICY_KEYS)
+_MATCH_KEYS = ("methods", "path", "path_regex")
 
+# Every key the loader reads, by where it is written. docs/configuration.md and
+# config/breakers.schema.json are generated from proxy/config/keys.py, and a test checks that
+# those describe exactly these keys (so neither can drift from what the loader takes).
+ACCEPTED_KEYS: dict[str, tuple[str, ...]] = {
+    "": _TOP_KEYS,
+    "server": tuple(SERVER_SCHEMA),
+    "storage": tuple(STORAGE_SCHEMA),
+    "admin": tuple(ADMIN_SCHEMA),
+    "cluster": tuple(CLUSTER_SCHEMA),
+    "alerts": ALERTS_KEYS,
+    "alerts.webhooks[]": WEBHOOK_KEYS,
+    "defaults": POLICY_KEYS,
+    "window": WINDOW_KEYS,
+    "retry": tuple(RETRY_VALUES),
+    "probe": tuple(PROBE_VALUES),
+    "services.<service>": _SERVICE_KEYS,
+    "tls": tuple(TLS_SCHEMA),
+    "routes.<route>": _ROUTE_KEYS,
+    "match": _MATCH_KEYS,
+    "fallback": COMMON_KEYS,
+    **{f"fallback: {kind}": OPTIONS[kind] for kind in FALLBACK_TYPES},
+}
 
-def _alerts(ctx: Ctx, node: yaml.Node | None) -> AlertSettings:
-    if node is None:
-        return AlertSettings()
-    entries = mapping(ctx, node, "alerts")
-    if entries is None:
-        return AlertSettings()
-    unknown_keys(ctx, entries, ("webhooks",), "alerts")
-    if "webhooks" not in entries:
-        return AlertSettings()
-    hooks_node = entries["webhooks"][1]
-    if not isinstance(hooks_node, yaml.SequenceNode):
-        ctx.report(hooks_node, "alerts.webhooks", "must be a list")
-        return AlertSettings()
-    hooks = []
-    for index, hook_node in enumerate(hooks_node.value):
-        path = f"alerts.webhooks[{index}]"
-        hook = mapping(ctx, hook_node, path)
-        if hook is None:
-            continue
-        unknown_keys(ctx, hook, ("url", "events"), path)
-        if "url" not in hook:
-            ctx.report(hook_node, f"{path}.url", "required")
-            continue
-        url = scalar(ctx, hook["url"][1], f"{path}.url", http_url)
-        hook_events = frozenset({"open", "close"})
-        if "events" in hook:
-            hook_events = scalar(ctx, hook["events"][1], f"{path}.events", events)
-        if url is not MISSING and hook_events is not MISSING:
-            hooks.append(Webhook(url=url, events=hook_events))
-    return AlertSettings(webhooks=tuple(hooks))
-
-
-def _trusted_proxies(ctx: Ctx, server_node: yaml.Node | None) -> tuple[str, ...] | object:
-    """`server.trusted_proxies`: a list of IPv4/IPv6 networks (CIDR; a bare address is a /32 or
-    /128, host bits are ignored), each problem reported on its own entry's line."""
-    entries = mapping(ctx, server_node, "server") if server_node is not None else None
-    if not entries or "trusted_proxies" not in entries:
-        return MISSING
-    node = entries["trusted_proxies"][1]
-    path = "server.trusted_proxies"
-    if is_null(node):
-        return ()
-    if not isinstance(node, yaml.SequenceNode):
-        ctx.report(node, path, "must be a list of IP networks (CIDR), e.g. [10.0.0.0/8]")
-        return MISSING
-    networks: list[str] = []
-    ok = True
-    for index, item in enumerate(node.value):
-        value = scalar(ctx, item, f"{path}[{index}]", text)
-        if value is MISSING:
-            ok = False
-            continue
-        try:
-            network = ipaddress.ip_network(value.strip(), strict=False)
-        except ValueError:
-            ctx.report(item, f"{path}[{index}]", f"not an IPv4 or IPv6 network (CIDR): {value!r}")
-            ok = False
-            continue
-        if str(network) not in networks:
-            networks.append(str(network))
-    return tuple(networks) if ok else MISSING
 
 
 def _match(ctx: Ctx, node: yaml.Node | None, path: str) -> Match:
@@ -162,7 +106,7 @@ def _match(ctx: Ctx, node: yaml.Node | None, path: str) -> Match:
     entries = mapping(ctx, node, path)
     if entries is None:
         return Match()
-    unknown_keys(ctx, entries, ("methods", "path", "path_regex"), path)
+    unknown_keys(ctx, entries, _MATCH_KEYS, path)
     allowed = None
     if "methods" in entries:
         allowed = scalar(ctx, entries["methods"][1], f"{path}.methods", methods)
@@ -210,33 +154,6 @@ def _fallback(ctx: Ctx, node: yaml.Node, path: str, fallback_dir: Path | None) -
         return None
     return FallbackSpec(type=kind, on_failure=on_failure, options=options)
 
-
-def _tls(ctx: Ctx, node: yaml.Node, path: str, config_dir: Path) -> TlsSettings | object:
-    """A service's `tls` mapping (§1a). Files must exist but are not read: `check` stays
-    free of `ssl`, and a bad PEM is reported by `http/tls.py` when the proxy starts."""
-    before = len(ctx.problems)
-    values = section_values(ctx, node, path, _TLS_SCHEMA)
-    entries = mapping(ctx, node, path) or {}  # again, for the lines of file problems
-    for key in _TLS_FILES:
-        if values.get(key) is None:  # not written, or null: the default
-            values.pop(key, None)
-            continue
-        # Relative to the config file, not the working directory, so `check` and `run`
-        # started from anywhere find the same file.
-        values[key] = file = config_dir / values[key]
-        problem = _file_problem(file)
-        if problem:
-            ctx.report(entries[key][1], join(path, key), f"{problem}: {file}")
-    if "client_key" in values and "client_cert" not in values:
-        ctx.report(entries["client_key"][0], join(path, "client_key"), "needs client_cert")
-    return MISSING if len(ctx.problems) > before else TlsSettings(**values)
-
-
-def _file_problem(file: Path) -> str | None:
-    try:
-        return None if file.is_file() else "not a file" if file.exists() else "no such file"
-    except OSError as exc:  # e.g. a folder on the way that we may not enter
-        return f"cannot check ({exc.strerror})"
 
 
 def _routes(ctx: Ctx, service: str, node: yaml.Node | None, path: str, policy_layers: list[Layer],
@@ -299,7 +216,7 @@ def _services(ctx: Ctx, node: yaml.Node | None, base_layers: list[Layer],
         tls = None
         tls_key, tls_node = service_entries.get("tls", (None, None))
         if tls_node is not None and not is_null(tls_node):  # `tls: null` is as if not written
-            tls = _tls(ctx, tls_node, f"{path}.tls", config_dir)
+            tls = tls_settings(ctx, tls_node, f"{path}.tls", config_dir)
             if upstream is not MISSING and not upstream.lower().startswith("https://"):
                 # Settings that cannot apply are a mistake, not something to ignore (§1a).
                 ctx.report(tls_key, f"{path}.tls", f"tls needs an https upstream, got {upstream!r}")
@@ -310,15 +227,6 @@ def _services(ctx: Ctx, node: yaml.Node | None, base_layers: list[Layer],
             services.append(Service(name=name, upstream=upstream, routes=routes, tls=tls))
     return tuple(services)
 
-
-def _check_fleet(ctx: Ctx, entries: dict[str, Any], storage: StorageSettings,
-                 cluster: ClusterSettings) -> None:
-    """`storage.url` and `storage.url_env` name one database; sharing needs PostgreSQL (§8)."""
-    if storage.url is not None and storage.url_env is not None:
-        ctx.report(entries["storage"][1], "storage.url_env", "give either storage.url or storage.url_env, not both")
-    if cluster.share_breakers and storage.url is None and storage.url_env is None:
-        node = entries["cluster"][1]
-        ctx.report(node, "cluster.share_breakers", "needs a PostgreSQL storage (storage.url or storage.url_env)")
 
 
 def _build(cls: type, values: dict[str, Any]) -> Any:
@@ -354,18 +262,18 @@ def parse_settings(text: str, *, source: str, environ: Mapping[str, str] | None 
         return entries[name][1] if name in entries else None
 
     fallback_dir = config_path.resolve().parent.parent / "fallback_responses" if config_path else None
-    server_values = section_values(ctx, section("server"), "server", _SERVER_SCHEMA)
+    server_values = section_values(ctx, section("server"), "server", SERVER_SCHEMA)
     server_values.pop("trusted_proxies", None)
-    trusted = _trusted_proxies(ctx, section("server"))
+    trusted = trusted_proxies(ctx, section("server"))
     if trusted is not MISSING:
         server_values["trusted_proxies"] = trusted
     server = _build(ServerSettings, server_values)
-    storage_values = section_values(ctx, section("storage"), "storage", _STORAGE_SCHEMA)
+    storage_values = section_values(ctx, section("storage"), "storage", STORAGE_SCHEMA)
     storage = _build(StorageSettings, storage_values)
-    cluster = _build(ClusterSettings, section_values(ctx, section("cluster"), "cluster", _CLUSTER_SCHEMA))
-    _check_fleet(ctx, entries, storage, cluster)
-    admin = _build(AdminSettings, section_values(ctx, section("admin"), "admin", _ADMIN_SCHEMA))
-    alerts = _alerts(ctx, section("alerts"))
+    cluster = _build(ClusterSettings, section_values(ctx, section("cluster"), "cluster", CLUSTER_SCHEMA))
+    check_fleet(ctx, entries, storage, cluster)
+    admin = _build(AdminSettings, section_values(ctx, section("admin"), "admin", ADMIN_SCHEMA))
+    alerts = alert_settings(ctx, section("alerts"))
     defaults_layer = Layer({}, {})
     if section("defaults") is not None:
         defaults_entries = mapping(ctx, section("defaults"), "defaults")
@@ -380,7 +288,7 @@ def parse_settings(text: str, *, source: str, environ: Mapping[str, str] | None 
     if not entries.get("services") and not ctx.problems:
         ctx.report(root, "services", "required: at least one service")
     if ctx.problems:
-        raise ConfigError(ctx.problems)
+        raise ConfigError(by_line(ctx.problems, source))
     return Settings(server=server, storage=storage, admin=admin, cluster=cluster, alerts=alerts,
                     services=services,
                     config_path=config_path, fallback_dir=fallback_dir)

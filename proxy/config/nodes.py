@@ -5,14 +5,20 @@ Pure: no file or environment access; the loader hands in the composed document.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from proxy.config.values import Invalid
+from proxy.config.values import Invalid, unknown_key
+
+# How YAML 1.1 reads some plain words, so a problem can say why `jitter: yes` is no number.
+_YAML_READS = {
+    "tag:yaml.org,2002:bool": "a boolean",
+    "tag:yaml.org,2002:null": "null",
+    "tag:yaml.org,2002:timestamp": "a date",
+}
 
 
 @dataclass(slots=True)
@@ -23,12 +29,34 @@ class Ctx:
 
     def report(self, node: yaml.Node | None, path: str, message: str) -> None:
         where = f"{self.source}:{node.start_mark.line + 1}" if node is not None else self.source
+        if node is not None:
+            message = self.as_written(node, message)
         line = f"{where}: {path}: {message}" if path else f"{where}: {message}"
         if line not in self.problems:
             self.problems.append(line)
 
     def value(self, node: yaml.Node) -> Any:
         return self.loader.construct_object(node, deep=True)
+
+    def as_written(self, node: yaml.Node, message: str) -> str:
+        """Quote a value as the YAML spelled it: "not a number: 'yes' (YAML reads it as a
+        boolean)", never "True". Looks at the node and its direct items only."""
+        items = [node]
+        if isinstance(node, yaml.SequenceNode):
+            items += node.value
+        elif isinstance(node, yaml.MappingNode):
+            items += [value for _, value in node.value]
+        for item in items:
+            kind = _YAML_READS.get(item.tag) if isinstance(item, yaml.ScalarNode) else None
+            if kind is None or item.style:  # quoted: a string, spelled as read
+                continue
+            try:
+                shown = repr(self.value(item))
+            except yaml.YAMLError:
+                continue
+            if shown in message:
+                return message.replace(shown, f"{item.value!r} (YAML reads it as {kind})", 1)
+        return message
 
 
 def mapping(ctx: Ctx, node: yaml.Node, path: str) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
@@ -64,9 +92,7 @@ def join(path: str, key: str) -> str:
 def unknown_keys(ctx: Ctx, entries: Mapping[str, tuple[yaml.Node, yaml.Node]], known: Any, path: str) -> None:
     for key, (key_node, _) in entries.items():
         if key not in known:
-            hint = difflib.get_close_matches(key, list(known), n=1)
-            message = f"unknown key (did you mean {hint[0]}?)" if hint else "unknown key"
-            ctx.report(key_node, join(path, key), message)
+            ctx.report(key_node, join(path, key), unknown_key(key, known))
 
 
 def scalar(ctx: Ctx, node: yaml.Node, path: str, check: Callable[[Any], Any]) -> Any:

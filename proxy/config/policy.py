@@ -31,6 +31,8 @@ from proxy.config.values import (
     AUTO, POLICY_VALUES, PROBE_VALUES, RETRY_VALUES, Invalid, choice, integer,
 )
 
+WINDOW_KEYS = ("type", "size", "seconds")
+
 ENV_OVERRIDES: dict[str, str] = {
     "CIRCUIT_BREAKER_FAILURE_THRESHOLD": "failure_threshold",
     "CIRCUIT_BREAKER_TIMEOUT": "open_timeout_ms",
@@ -66,7 +68,7 @@ def _window(ctx: Ctx, node: yaml.Node, path: str) -> WindowSpec | object:
     entries = mapping(ctx, node, path)
     if entries is None:
         return MISSING
-    unknown_keys(ctx, entries, ("type", "size", "seconds"), path)
+    unknown_keys(ctx, entries, WINDOW_KEYS, path)
     kind = "count"
     if "type" in entries:
         kind = scalar(ctx, entries["type"][1], f"{path}.type", choice("count", "time"))

@@ -5,8 +5,9 @@ Pure: no file, environment or YAML node access; `config_load` attaches file, lin
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +20,16 @@ AUTO = "auto"  # slow_call_duration_ms: learned from the route's own latency (§
 
 class Invalid(Exception):
     """One value is wrong; the walker adds file, line and key path."""
+
+
+def unknown_key(key: str, known: Iterable[str], what: str = "key") -> str:
+    """"unknown key (did you mean timeout_ms?)": the nearest known key, not all of them; the
+    whole list only when none is near (a short list, or the reader would have no clue)."""
+    known = list(known)
+    nearest = difflib.get_close_matches(key, known, n=1)
+    if nearest:
+        return f"unknown {what} (did you mean {nearest[0]}?)"
+    return f"unknown {what} (known: {', '.join(known)})" if what != "key" else "unknown key"
 
 
 def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:

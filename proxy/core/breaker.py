@@ -10,6 +10,10 @@ readers see half_open as soon as `retry_at` has passed.
 `mark_slow` once a call crosses `slow_threshold_s()`; `max_slow_in_flight` such calls at once
 open a closed breaker without waiting for any of them to end. With a `probe` configured, a
 half-open breaker's trials are the prober's (`try_acquire_trial`), never a customer's.
+§8 fleet hooks (driven by `runtime/cluster.py`, never by a request): `hold_trials` keeps a
+half-open breaker from running trials while another proxy of the fleet runs them,
+`adopt_open` opens it with another proxy's open period, `follow_close` closes it after another
+proxy's trial succeeded.
 Split along seams: the data types live in `core/breaker_view.py`, the transition table and
 the listener fan-out in `core/transitions.py`, the slow threshold in `core/slow.py`.
 
@@ -36,10 +40,13 @@ if TYPE_CHECKING:
 
 __all__ = [  # the data types are re-exported: callers import them all from here
     "ALL_STATES", "REASONS", "WAITING_FOR_PROBE", "WAITING_FOR_TRIAL_REQUEST", "Breaker",
-    "BreakerView", "Listener", "Permit", "State", "Transition",
+    "BreakerView", "Listener", "Permit", "State", "Transition", "WAITING_FOR_FLEET_TRIAL",
 ]
 
 log = logging.getLogger(__name__)
+
+# §8: half-open, and another proxy of the fleet runs the trial (BreakerView.waiting_for).
+WAITING_FOR_FLEET_TRIAL = "fleet_trial"
 
 
 def _check_policy(policy: Policy) -> None:
@@ -57,7 +64,7 @@ class Breaker:
         "_calls_failure", "_calls_rejected", "_calls_success", "_clock", "_consecutive_failures",
         "_consecutive_successes", "_generation", "_half_open_in_flight", "_name", "_notifier",
         "_open_count", "_opened_at_wall", "_policy", "_retry_at", "_retry_at_wall", "_rng",
-        "_slow", "_slow_calls", "_slow_in_flight", "_state", "_window",
+        "_slow", "_slow_calls", "_slow_in_flight", "_state", "_trials_held", "_window",
     )
 
     def __init__(
@@ -85,6 +92,7 @@ class Breaker:
         self._retry_at = math.inf  # monotonic; finite only while open
         self._retry_at_wall: float | None = None
         self._opened_at_wall: float | None = None
+        self._trials_held = False  # §8: another proxy of the fleet runs the half-open trials
 
     # -- identity ----------------------------------------------------------------------------
 
@@ -123,7 +131,7 @@ class Breaker:
         if state is State.HALF_OPEN:
             # With a probe, the trials are the prober's (try_acquire_trial): customers keep
             # getting the fallback until the probes have closed it.
-            if (self._policy.probe is not None
+            if (self._policy.probe is not None or self._trials_held
                     or self._half_open_in_flight >= self._policy.half_open_max_calls):
                 self._calls_rejected += 1
                 return None
@@ -141,7 +149,7 @@ class Breaker:
         """
         now = self._clock.monotonic()
         self._advance(now)
-        if (self._state is not State.HALF_OPEN
+        if (self._state is not State.HALF_OPEN or self._trials_held
                 or self._half_open_in_flight >= self._policy.half_open_max_calls):
             return None
         self._half_open_in_flight += 1
@@ -274,6 +282,45 @@ class Breaker:
         self._advance(now)
         self._move_to(State.CLOSED, now, "reset")
 
+    # -- the fleet (§8) -----------------------------------------------------------------------
+
+    @property
+    def trials_held(self) -> bool:
+        return self._trials_held
+
+    def hold_trials(self, held: bool) -> None:
+        """While held, half-open lets no trial through (customers get the fallback): another
+        proxy of the fleet runs the trial. Outside half-open it changes nothing."""
+        self._trials_held = held
+
+    def adopt_open(self, *, retry_at_wall: float, opened_at_wall: float | None, open_count: int) -> bool:
+        """Open with another proxy's period: the same `retry_at`, not a backoff of our own.
+        Only from closed or half-open (an operator's state stays); False when nothing changed
+        (another state, or that period is already over)."""
+        now = self._clock.monotonic()
+        self._advance(now)
+        if self._state is not State.CLOSED and self._state is not State.HALF_OPEN:
+            return False
+        wall = self._clock.wall()
+        remaining = min(retry_at_wall - wall, self._policy.max_open_timeout_ms / 1000)
+        if remaining <= 0:
+            return False
+        # Their backoff step, so the next re-open here waits as long as theirs would.
+        self._open_count = max(self._open_count, int(open_count), 1)
+        exact = retry_at_wall if remaining == retry_at_wall - wall else None  # not capped
+        self._move_to(State.OPEN, now, "fleet_open", wall=wall, remaining=remaining,
+                      opened_at_wall=opened_at_wall, retry_at_wall=exact)
+        return True
+
+    def follow_close(self) -> bool:
+        """Close because another proxy's half-open trial succeeded; False unless open or
+        half-open."""
+        now = self._clock.monotonic()
+        if self._state is not State.OPEN and self._state is not State.HALF_OPEN:
+            return False
+        self._move_to(State.CLOSED, now, "fleet_closed")
+        return True
+
     # -- readers -----------------------------------------------------------------------------
 
     def view(self) -> BreakerView:
@@ -285,7 +332,9 @@ class Breaker:
         state = self._state
         is_open = state is State.OPEN
         waiting_for = None
-        if state is State.HALF_OPEN:
+        if state is State.HALF_OPEN and self._trials_held:
+            waiting_for = WAITING_FOR_FLEET_TRIAL
+        elif state is State.HALF_OPEN:
             waiting_for = WAITING_FOR_TRIAL_REQUEST if p.probe is None else WAITING_FOR_PROBE
         return BreakerView(
             name=self._name,
@@ -403,6 +452,7 @@ class Breaker:
         wall: float | None = None,
         remaining: float | None = None,
         opened_at_wall: float | None = None,
+        retry_at_wall: float | None = None,
     ) -> None:
         frm = self._state
         if not is_allowed(frm, to, reason):
@@ -422,7 +472,8 @@ class Breaker:
                 self._open_count += 1
                 remaining = self._open_period(self._open_count - 1)
             self._retry_at = now + remaining
-            self._retry_at_wall = wall + remaining
+            # An adopted period keeps the other proxy's retry_at to the bit (§8: the same).
+            self._retry_at_wall = wall + remaining if retry_at_wall is None else retry_at_wall
             self._opened_at_wall = wall if opened_at_wall is None else opened_at_wall
         else:
             self._retry_at = math.inf

@@ -30,6 +30,11 @@ ALLOWED: dict[str, tuple[frozenset[State], frozenset[State]]] = {
     "forced": (_ANY, _MANUAL),  # force_open, force_closed, disable
     "reset": (_ANY, frozenset({State.CLOSED})),
     "restored": (_ANY, _ANY),  # start-up: whatever was stored (§6)
+    # §8: the fleet's word, not this breaker's own counts. Open adopts another proxy's open
+    # period (a quorum has it open, or the fleet's half-open trial failed); closed follows the
+    # proxy whose trial succeeded.
+    "fleet_open": (frozenset({State.CLOSED, State.HALF_OPEN}), frozenset({State.OPEN})),
+    "fleet_closed": (frozenset({State.OPEN, State.HALF_OPEN}), frozenset({State.CLOSED})),
 }
 REASONS: tuple[str, ...] = tuple(ALLOWED)
 

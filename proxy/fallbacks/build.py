@@ -16,6 +16,7 @@ from proxy.config.model import Route
 from proxy.core.clock import Clock
 from proxy.fallbacks.base import Fallback
 from proxy.fallbacks.cache import CacheFallback
+from proxy.fallbacks.cache_store import CacheStore
 from proxy.fallbacks.queue import QueueBook
 from proxy.fallbacks.replay import ReplayWorker
 from proxy.fallbacks.static import StaticFallback
@@ -39,6 +40,7 @@ class FallbackDeps:
     metrics: Metrics | None = None
     queues: QueueBook | None = None
     registry: Registry | None = None
+    cache_store: CacheStore | None = None  # cache entries written behind, restored at start
 
 
 def build_fallback(route: Route, deps: FallbackDeps | None) -> Fallback | None:

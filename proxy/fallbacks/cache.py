@@ -5,7 +5,8 @@ LRU (entries and bytes); while the breaker rejects calls (or a let-through call 
 entry is served with `Age` and `X-Fallback-Estimated: true`, its top-level numeric JSON fields
 named in `scale` multiplied and floored (inventory "estimated availability": never oversell).
 Scaling happens once, when the response is remembered, so serving is a dictionary lookup.
-Nothing here touches the disk: the cache lives and dies with the process.
+Nothing here touches the disk: a changed key is only marked dirty, and `cache_store` writes it
+behind (and puts it back at start-up, with its true age), so the cache survives a restart.
 """
 
 from __future__ import annotations
@@ -60,15 +61,19 @@ def scale_document(document: Any, scale: dict[str, float]) -> Any:
 
 
 class ResponseCache:
-    """method + path + query → Entry: O(1) lookups, LRU over `max_entries` and `max_bytes`."""
+    """method + path + query → Entry: O(1) lookups, LRU over `max_entries` and `max_bytes`.
 
-    __slots__ = ("_entries", "max_bytes", "max_entries", "size_bytes")
+    With `track=True` every key that was put, evicted or discarded is kept in a dirty set until
+    `take_dirty` (the write-behind of `cache_store`); nothing else is done on the request path."""
 
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
+    __slots__ = ("_dirty", "_entries", "max_bytes", "max_entries", "size_bytes")
+
+    def __init__(self, max_entries: int, max_bytes: int, *, track: bool = False) -> None:
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.size_bytes = 0
+        self._dirty: set[str] | None = set() if track else None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -79,22 +84,48 @@ class ResponseCache:
             self._entries.move_to_end(key)
         return entry
 
+    def peek(self, key: str) -> Entry | None:
+        """The entry without making it the most recent (writing it is not using it)."""
+        return self._entries.get(key)
+
+    def contains(self, key: str) -> bool:
+        return key in self._entries
+
+    def items(self) -> list[tuple[str, Entry]]:
+        """Least recently used first."""
+        return list(self._entries.items())
+
     def put(self, key: str, entry: Entry) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
             self.size_bytes -= len(old.body)
+        self.mark_dirty(key)
         if len(entry.body) > self.max_bytes:
             return
         self._entries[key] = entry
         self.size_bytes += len(entry.body)
         while len(self._entries) > self.max_entries or self.size_bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
+            evicted_key, evicted = self._entries.popitem(last=False)
             self.size_bytes -= len(evicted.body)
+            self.mark_dirty(evicted_key)
 
     def discard(self, key: str) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
             self.size_bytes -= len(old.body)
+            self.mark_dirty(key)
+
+    def mark_dirty(self, key: str) -> None:
+        if self._dirty is not None:
+            self._dirty.add(key)
+
+    def take_dirty(self) -> set[str]:
+        """Keys changed since the last call (empty when not tracking)."""
+        dirty = self._dirty
+        if not dirty:
+            return set()
+        self._dirty = set()
+        return dirty
 
 
 class _Recording:
@@ -137,10 +168,14 @@ class CacheFallback:
         self.max_age_s = float(options["max_age_s"])
         self.max_body_bytes = int(options["max_body_bytes"])
         self.scale: dict[str, float] = dict(options.get("scale") or {})
-        self.cache = ResponseCache(int(options["max_entries"]), int(options.get("max_bytes") or 64 << 20))
+        store = deps.cache_store
+        self.cache = ResponseCache(int(options["max_entries"]), int(options.get("max_bytes") or 64 << 20),
+                                   track=store is not None)
         self._clock = deps.clock
         default = options.get("default_file")
         self.default = Canned(load_spec(deps, route, default), deps.clock) if default else None
+        if store is not None:
+            store.register(self)
 
     # -- learning (successful calls) -----------------------------------------------------------
 
@@ -168,6 +203,11 @@ class CacheFallback:
             body, dropped = scaled, _NOT_KEPT_SCALED
         kept = tuple((name, value) for name, value in headers.items() if name.lower() not in dropped)
         self.cache.put(key, Entry(status, kept, body, self._clock.monotonic()))
+
+    def restore(self, key: str, status: int, headers: tuple[tuple[str, str], ...], body: bytes,
+                stored_at: float) -> None:
+        """An entry read back at start-up, as it was remembered (already scaled)."""
+        self.cache.put(key, Entry(status, headers, body, stored_at))
 
     @staticmethod
     def _is_json(headers: CIMultiDict[str]) -> bool:

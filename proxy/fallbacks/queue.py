@@ -13,7 +13,12 @@ again, with `Idempotent-Replayed: true`, stores nothing and counts against no li
 lookup runs in the same writer transaction as the insert, so concurrent retries make one row.
 
 One `QueueBook` per app holds every queue (named after its breaker): its counters (depth,
-dead letters, exposure) live in memory so /status.json never reads SQLite. Never a 202 before
+dead letters, exposure) live in memory so /status.json never reads the database.
+
+In a fleet (a `shared` storage: PostgreSQL, §8) other replicas accept and deliver too: an
+acceptance takes the fleet's lock in the writer's transaction, then reads the queue's counters,
+the client's key and the next id (max + 1, so ids keep acceptance order) from the tables
+(`queue_fleet`). The in-memory counters are then the fleet's as last seen. Never a 202 before
 the commit; never a replay of a maybe-delivered request that has no Idempotency-Key. This
 module never imports `replay` (which imports it): `build` hands each queue its worker factory.
 """
@@ -24,6 +29,8 @@ import asyncio
 import json
 import logging
 import math
+import os
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +55,9 @@ from proxy.fallbacks.base import (
     service_target,
 )
 from proxy.fallbacks.log import EXPIRE as EXPIRE_LOGS
-from proxy.storage.sqlite import Storage, StorageError, register_schema
+from proxy.fallbacks.queue_fleet import FLEET_COUNTS, FLEET_LOCK, FLEET_LOOKUP
+from proxy.storage.base import BatchedStorage as Storage
+from proxy.storage.base import StorageError, register_schema
 
 if TYPE_CHECKING:
     from proxy.runtime.metrics import Metrics
@@ -87,6 +96,8 @@ register_schema("queue", [
 INSERT = ("INSERT INTO queue_items (id, queue, state, accepted_wall, updated_wall, method, target,"
           " headers, body, idempotency_key, amount) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)")
 FIND_KEY = "SELECT id FROM queue_items WHERE queue = ? AND idempotency_key = ? ORDER BY id LIMIT 1"
+COUNTS = "SELECT state, count(*) FROM queue_items WHERE queue = ? GROUP BY state"
+AMOUNTS = "SELECT amount FROM queue_items WHERE queue = ? AND state = 'pending' AND amount IS NOT NULL"
 EXPIRE_DELIVERED = "DELETE FROM queue_items WHERE state = 'delivered' AND updated_wall < ?"
 HOUSEKEEPING_INTERVAL_S = 600.0
 IDEMPOTENCY_KEY = "Idempotency-Key"
@@ -173,11 +184,14 @@ class QueueState:
         self.depth = 0  # pending, counting acceptances being committed
         self.dead = 0
         self.exposure = Decimal(0)  # sum of pending amounts
+        self.changes = 0  # bumped by each acceptance and mark: a reload read before one is stale
         self.ready = asyncio.Event()  # counters loaded from the database
         self.wake = asyncio.Event()  # something to deliver, or the breaker let calls through
         self.worker: Worker | None = None
         self.depth_gauge = metrics.queue_depth.labels(name) if metrics else None
         self.dead_gauge = metrics.queue_dead_letters.labels(name) if metrics else None
+        if metrics is not None and options.amount_field is not None:  # read at scrape time
+            metrics.watch_queue(name, lambda: (self.exposure, self.options.exposure_cap))
         self.replayed = {result: metrics.queue_replayed.labels(name, result.value)
                          for result in (ItemState.DELIVERED, ItemState.DEAD_LETTER)} if metrics else {}
         self.retried = metrics.queue_replayed.labels(name, "retried") if metrics else None
@@ -200,8 +214,11 @@ class QueueBook:
     """
 
     def __init__(self, storage: Storage, clock: Clock, metrics: Metrics | None = None, *,
-                 client: UpstreamClient | None = None, poll_s: float = 0.5) -> None:
+                 client: UpstreamClient | None = None, poll_s: float = 0.5,
+                 node_id: str | None = None) -> None:
         self.storage = storage
+        self.shared = storage.shared  # a fleet: other replicas accept and deliver too
+        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.clock = clock
         self.metrics = metrics
         self.client = client
@@ -245,8 +262,9 @@ class QueueBook:
 
     async def start(self) -> None:
         """Load counters from the database and start one replay worker per queue."""
-        rows = await self.storage.fetchall("SELECT max(id) FROM queue_items")
-        self.next_id = (rows[0][0] or 0) + 1
+        if not self.shared:  # a fleet's ids come from the table, at each acceptance
+            rows = await self.storage.fetchall("SELECT max(id) FROM queue_items")
+            self.next_id = (rows[0][0] or 0) + 1
         self._running = True
         for state in self._queues.values():
             await self._start_queue(state)
@@ -262,16 +280,31 @@ class QueueBook:
                 self.storage.record(EXPIRE_LOGS, (cutoff,))
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
 
-    async def _start_queue(self, state: QueueState) -> None:
-        counts = dict(await self.storage.fetchall(
-            "SELECT state, count(*) FROM queue_items WHERE queue = ? GROUP BY state", (state.name,)))
-        amounts = await self.storage.fetchall(
-            "SELECT amount FROM queue_items WHERE queue = ? AND state = 'pending' AND amount IS NOT NULL",
-            (state.name,))
-        state.depth = counts.get(ItemState.PENDING.value, 0)
-        state.dead = counts.get(ItemState.DEAD_LETTER.value, 0)
-        state.exposure = sum((Decimal(a) for (a,) in amounts), Decimal(0))
+    async def load_counts(self, state: QueueState) -> None:
+        """Depth, dead letters and exposure from the table (in a fleet: the fleet's)."""
+        seen = state.changes
+        if self.shared:  # polled by every replica: the database's counters, not a count
+            [(depth, exposure, dead)] = await self.storage.fetchall(FLEET_COUNTS, (state.name,) * 3)
+        else:
+            counts = dict(await self.storage.fetchall(COUNTS, (state.name,)))
+            amounts = await self.storage.fetchall(AMOUNTS, (state.name,))
+            depth = counts.get(ItemState.PENDING.value, 0)
+            dead = counts.get(ItemState.DEAD_LETTER.value, 0)
+            exposure = sum((Decimal(a) for (a,) in amounts), Decimal(0))
+        if state.changes != seen:
+            return  # an acceptance or a mark of ours moved them meanwhile: the next reload
+        state.depth, state.dead, state.exposure = depth, dead, Decimal(exposure)
         state.show_counts()
+
+    async def _start_queue(self, state: QueueState) -> None:
+        try:
+            await self.load_counts(state)
+        except StorageError as exc:
+            if not self.shared:
+                raise
+            # The fleet's database is away: acceptance checks the table itself and answers 503
+            # until it is back; the worker loads the counters then.
+            log.warning("queue %s: counters not loaded yet: %s", state.name, exc)
         state.ready.set()
         if state.depth:
             log.info("queue %s: %d pending from before, replaying", state.name, state.depth)
@@ -351,6 +384,8 @@ class QueueBook:
         def prepare(*found: tuple[tuple[Any, ...], ...]) -> tuple[tuple[str, list[Any]], ...]:
             # In the writer's transaction, serialised with every other acceptance: exact limits.
             nonlocal replayed
+            if self.shared:
+                return prepare_in_fleet(*found[0][0])
             if found and found[0]:
                 # This client's key is already queued: the same answer again, nothing stored,
                 # nothing counted (a retry after a network blip must not double the exposure).
@@ -364,21 +399,46 @@ class QueueBook:
                                                f"exposure_cap {options.exposure_cap}")
             row[0] = self.next_id
             self.next_id += 1
+            state.changes += 1
             state.depth += 1
             state.exposure += added
             return ((INSERT, row),)
 
+        def prepare_in_fleet(next_id: int, found_id: int | None, depth: int,
+                             exposure: Decimal) -> tuple[tuple[str, list[Any]], ...]:
+            # After the fleet's lock: the table's own count, exposure and key are exact.
+            nonlocal replayed
+            if client_key is not None and found_id is not None:
+                row[0] = found_id
+                replayed = True
+                return ()
+            if depth >= options.max_depth:
+                raise Refused("queue_full", f"{depth} requests waiting (max_depth {options.max_depth})")
+            if options.exposure_cap is not None and exposure + added > options.exposure_cap:
+                raise Refused("offline_limit", f"outstanding {exposure} + {added} would exceed "
+                                               f"exposure_cap {options.exposure_cap}")
+            row[0] = next_id
+            state.changes += 1
+            state.depth = depth + 1
+            state.exposure = exposure + added
+            return ((INSERT, row),)
+
         def undo() -> None:
             if not replayed:
+                state.changes += 1
                 state.depth -= 1
                 state.exposure -= added
 
-        # Only a client's key can come back; one made here is new by construction.
-        lookup = None if client_key is None else (FIND_KEY, (state.name, key))
+        if self.shared:
+            lock, lookup = FLEET_LOCK, (FLEET_LOOKUP, (state.name, key, state.name, state.name))
+        else:
+            # Only a client's key can come back; one made here is new by construction.
+            lock, lookup = None, None if client_key is None else (FIND_KEY, (state.name, key))
         try:
             # Not stored within the route's timeout: not stored at all (§5), so a 503 here is
             # as true as a 202.
-            await self.storage.transact(prepare, undo, lookup=lookup, within_s=self._timeout_s(state))
+            await self.storage.transact(prepare, undo, lookup=lookup, lock=lock,
+                                        within_s=self._timeout_s(state))
         except Refused as refusal:
             return self._refused(state, request, refusal)
         except StorageError as exc:

@@ -18,6 +18,16 @@ worker waits for that commit however long the disk takes (§5): after kill -9 at
 that was in flight is sent again. This module never drops a pending request and never sends
 one without its key. It reaches the upstream only through the book's `UpstreamClient` (the app's
 pooled connections), never a client of its own.
+
+In a fleet (§8: a shared PostgreSQL) every replica runs a worker for each queue, and the one
+holding the queue's lease (`queue_fleet`: owner, expiry on the database's clock) delivers. It
+is claimed with `SELECT … FOR UPDATE SKIP LOCKED` (a replica never waits on another's claim)
+when free or expired, renewed before each send, for the send's timeout plus LEASE_MARGIN_S,
+and given back on stop. A replica killed mid-delivery leaves its lease to expire; the next
+holder starts again at the head, re-sending at most the item that was in flight, with the same
+Idempotency-Key (done once by the upstream). A worker that finds its lease gone, or taken
+afresh after a lapse, drops the page it read and starts again at the head. A fleet's worker
+reloads the queue's counters (the fleet's) each time it polls.
 """
 
 from __future__ import annotations
@@ -31,8 +41,9 @@ from typing import TYPE_CHECKING, Any
 from proxy.background import stop_task
 from proxy.core.breaker import Permit, State
 from proxy.core.outcome import is_failure
-from proxy.fallbacks.queue import ItemState, QueueBook, QueueState
-from proxy.storage.sqlite import StorageError
+from proxy.fallbacks.queue import DEFAULT_STORE_TIMEOUT_S, ItemState, QueueBook, QueueState
+from proxy.fallbacks.queue_fleet import CLAIM, LEASE_MARGIN_S, LEASE_ROW, RELEASE
+from proxy.storage.base import StorageError
 
 if TYPE_CHECKING:
     from proxy.runtime.registry import RouteRuntime
@@ -56,6 +67,7 @@ class ReplayWorker:
         self._task: asyncio.Task[None] | None = None
         # (id, state, attempts, last_error, amount) decided but not yet committed.
         self._marks: list[tuple[int, ItemState, int, str | None, Decimal]] = []
+        self._lease_row = False  # the queue's row in queue_leases exists (a fleet only)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"replay-{self.state.name}")
@@ -66,22 +78,35 @@ class ReplayWorker:
             return
         await stop_task(task)
         await self._flush()  # what was delivered stays delivered
+        if self.book.shared and self._lease_row:
+            try:  # the next replica need not wait for the lease to expire
+                await self.book.storage.write_now(RELEASE, (self.state.name, self.book.node_id))
+            except StorageError as exc:
+                log.warning("queue %s: lease not given back (it expires by itself): %s", self.state.name, exc)
 
     # -- the loop --------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         state = self.state
+        shared = self.book.shared
         while True:
             try:
+                if shared:
+                    await self.book.load_counts(state)  # what the other replicas accepted and delivered
                 if state.depth <= 0:
-                    await self._wait(None)
+                    # Alone, an acceptance wakes the worker; in a fleet it may be another's.
+                    await self._wait(self.book.poll_s if shared else None)
+                    continue
+                if shared and await self._claim() is None:
+                    await self._wait(self.book.poll_s)  # another replica delivers this queue
                     continue
                 rows = await self.book.storage.fetchall(_SELECT, (state.name, PAGE))
                 if not rows:
                     await self._wait(self.book.poll_s)  # an acceptance is still being committed
                     continue
                 for row in rows:
-                    await self._replay(row)
+                    if not await self._replay(row):
+                        break  # the lease was lost, or lapsed: start again at the head
                 await self._flush()
             except StorageError as exc:
                 log.error("queue %s: replay paused: %s", state.name, exc)
@@ -100,18 +125,43 @@ class ReplayWorker:
                 pass
         wake.clear()
 
-    async def _replay(self, row: tuple[Any, ...]) -> None:
+    async def _claim(self, runtime: RouteRuntime | None = None) -> bool | None:
+        """Claim or renew the queue's lease: True renewed, False taken afresh, None not ours."""
+        storage, name = self.book.storage, self.state.name
+        if not self._lease_row:
+            await storage.write_now(LEASE_ROW, (name,))
+            self._lease_row = True
+        if runtime is None:
+            registry = self.book.registry
+            runtime = registry.get(name) if registry is not None else None
+        timeout_s = self.state.options.replay_timeout_s or (
+            runtime.timeout_s if runtime is not None else DEFAULT_STORE_TIMEOUT_S)
+        rows = await storage.write_now(CLAIM, (name, self.book.node_id, self.book.node_id,
+                                                float(timeout_s + LEASE_MARGIN_S)))
+        return bool(rows[0][0]) if rows else None
+
+    async def _replay(self, row: tuple[Any, ...]) -> bool:
+        """Deliver one item (or dead-letter it); False when, in a fleet, the lease is not held."""
         item_id, method, target, headers_json, body, amount, attempts = row
         headers = [(name, value) for name, value in json.loads(headers_json)]
         amount = Decimal(amount) if amount is not None else Decimal(0)
         failures = 0
         while True:
             runtime, permit = await self._permit()
+            if self.book.shared:
+                try:
+                    held = await self._claim(runtime)
+                except BaseException:
+                    runtime.breaker.release(permit)
+                    raise
+                if held is not True:
+                    runtime.breaker.release(permit)  # not ours to send, or the page is stale
+                    return False
             result, error, sent = await self._send(runtime, permit, method, target, headers, body)
             options = self.state.options
             if result is ItemState.DELIVERED or result is ItemState.DEAD_LETTER:
                 await self._mark(item_id, result, attempts + 1, error, amount)
-                return
+                return True
             failures += 1
             if sent:
                 # Only an attempt the upstream saw counts towards max_attempts: a long outage
@@ -119,7 +169,7 @@ class ReplayWorker:
                 attempts += 1
                 if attempts >= options.max_attempts:
                     await self._mark(item_id, ItemState.DEAD_LETTER, attempts, error, amount)
-                    return
+                    return True
             if self.state.retried is not None:
                 self.state.retried.inc()
             self.book.storage.record(_ATTEMPT, (attempts, error, self.book.clock.wall(), item_id))
@@ -202,6 +252,7 @@ class ReplayWorker:
 
         def prepare() -> list[tuple[str, tuple[Any, ...]]]:
             # Counters move inside the writer's transaction, as acceptances do.
+            state.changes += 1
             for _, result, _, _, amount in marks:
                 state.depth -= 1
                 state.exposure -= amount
@@ -210,6 +261,7 @@ class ReplayWorker:
                     for item_id, result, attempts, error, _ in marks]
 
         def undo() -> None:
+            state.changes += 1
             for _, result, _, _, amount in marks:
                 state.depth += 1
                 state.exposure += amount

@@ -38,6 +38,7 @@ class Answering:
         """A call let through got no response: the fallback if it is safe, else 502 / 504 (§4)."""
         self._cancel_deadline()
         self._record_attempt(True)
+        self.runtime.note_failure(reason, detail)  # the status page's "last failure"
         if self.retryable and self._retry(False):
             return
         runtime = self.runtime

@@ -291,6 +291,8 @@ class Exchange(Answering, Retrying):
         status = self.status = head.status
         runtime = self.runtime
         self.failed = outcome.is_failure(status, runtime.failure_statuses)
+        if self.failed:
+            runtime.note_failure("http", status)
         if self.failed and self.retryable:
             # Judged now, before anything of this answer reaches the client (§3b).
             self._record_attempt(True)
@@ -405,6 +407,7 @@ class Exchange(Answering, Retrying):
         self.state = DONE
         self._cancel_deadline()
         self._record_attempt(True)
+        self.runtime.note_failure("broken")
         self._leave()
         # Not a 200 the client got: an answer cut off (code="truncated" in proxy_requests_total).
         self.runtime.metrics.count_request(TRUNCATED, self.env.clock.monotonic() - self.started)

@@ -1,4 +1,5 @@
-"""/admin/… (§6): manual breaker control and config reload, behind a bearer token.
+"""/admin/… (§6): manual breaker control, config reload, dead letters (retry, drop) and demo
+scenarios, behind a bearer token.
 
 The token comes from the environment variable named by `admin.token_env`
 (CIRCUIT_PROXY_ADMIN_TOKEN by default); when that is unset the proxy makes a random one and
@@ -18,15 +19,18 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from proxy.core.breaker import Breaker
 from proxy.core.messages import Answer, Request
 from proxy.config.model import Settings
 from proxy.config.load import ConfigError
+from proxy.fallbacks.queue_items import NotDeadLetter, QueueItems, UnknownItem
+from proxy.storage.base import StorageError
 from proxy.runtime.registry import Registry
 from proxy.ops.paths import unquote
-from proxy.ops.reload import Reloader
+from proxy.ops.reload import Reloader, reload_entries
 from proxy.ops.status import StatusBoard, json_answer
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,20 @@ ACTIONS: dict[str, Callable[[Breaker], None]] = {
     "disable": Breaker.disable,
     "reset": Breaker.reset,  # back to automatic operation in closed
 }
+
+QUEUE_ITEM_ACTIONS: dict[str, Callable[[QueueItems, str, int], Awaitable[dict[str, Any]]]] = {
+    "retry": QueueItems.retry,  # a dead letter goes back to pending, attempts from zero
+    "drop": QueueItems.drop,  # a dead letter is deleted, never sent
+}
+# Path shapes: None is a segment of the caller's (a name); a string must be just that.
+QUEUE_ITEM_PATH = ("", "admin", "queues", None, "items", None, None)
+SCENARIO_PATH = ("", "admin", "scenarios", None)
+
+
+def _shaped(parts: list[str], shape: tuple[str | None, ...]) -> bool:
+    return len(parts) == len(shape) and all(
+        part == fixed if fixed is not None else part and "{" not in part and "}" not in part
+        for part, fixed in zip(parts, shape))
 
 
 def resolve_token(settings: Settings, environ: Mapping[str, str] | None = None) -> tuple[str, bool]:
@@ -76,6 +94,11 @@ class Admin:
                 and all(part and "{" not in part and "}" not in part for part in parts[3:])):
             request.match = {"breaker": unquote(parts[3]), "action": unquote(parts[4])}
             return await self.breaker_action(request)
+        if request.method == "POST" and _shaped(parts, QUEUE_ITEM_PATH):
+            return await self.queue_item_action(request, unquote(parts[3]), unquote(parts[5]),
+                                                unquote(parts[6]))
+        if request.method == "POST" and _shaped(parts, SCENARIO_PATH):
+            return await self.start_scenario(request, unquote(parts[3]))
         return self.other(request)
 
     def _authorized(self, request: Request) -> bool:
@@ -99,6 +122,7 @@ class Admin:
         if runtime is None:
             return _json(404, {"error": "unknown_breaker", "breaker": name})
         apply(runtime.breaker)
+        self._registry.announce_action(name, action)  # §8: a fleet applies it everywhere
         log.info("admin %s", action, extra={"breaker": name, "action": action, "client": request.client_ip})
         return _json(200, self._board.entry(runtime))
 
@@ -108,15 +132,51 @@ class Admin:
         except ConfigError as exc:
             return _json(400, {"error": "invalid_config", "errors": exc.problems})
         # §6: reload answers with the list of breakers; what changed rides in headers.
-        return _json(200, self._board.entries(), {
+        return _json(200, reload_entries(self._registry), {
             "X-Reload-Added": ",".join(result.added), "X-Reload-Removed": ",".join(result.removed),
             "X-Reload-Changed": ",".join(result.changed), "X-Reload-Kept": ",".join(result.kept)})
+
+    async def queue_item_action(self, request: Request, queue: str, item: str, action: str) -> Answer:
+        """Retry or drop one dead letter: 404 for an unknown queue, request or action, 409 for a
+        request that is not a dead letter."""
+        act = QUEUE_ITEM_ACTIONS.get(action)
+        items = self._board.queue_items
+        if act is None:
+            return _json(404, {"error": "not_found", "path": unquote(request.path)})
+        if items is None or not items.knows(queue):
+            return _json(404, {"error": "unknown_queue", "queue": queue})
+        if not (item.isascii() and item.isdigit() and len(item) <= 18):  # an id SQLite can hold
+            return _json(404, {"error": "unknown_item", "queue": queue, "id": item})
+        try:
+            result = await act(items, queue, int(item))
+        except UnknownItem:
+            return _json(404, {"error": "unknown_item", "queue": queue, "id": int(item)})
+        except NotDeadLetter as exc:
+            return _json(409, {"error": "not_dead_letter", "queue": queue, "id": int(item), "state": exc.state})
+        except StorageError as exc:
+            return _json(503, {"error": "storage_unavailable", "detail": str(exc)})
+        log.info("admin queue item %s", action, extra={"queue": queue, "item": item, "client": request.client_ip})
+        return _json(200, result)
+
+    async def start_scenario(self, request: Request, name: str) -> Answer:
+        scenarios = self._board.scenarios
+        if scenarios is None:
+            return _json(404, {"error": "not_found", "path": unquote(request.path)})
+        try:
+            await scenarios.start(name)
+        except KeyError:
+            return _json(404, {"error": "unknown_scenario", "scenario": name})
+        log.info("admin scenario started", extra={"scenario": name, "client": request.client_ip})
+        return _json(200, {"started": name, "running": scenarios.running()})
 
     def other(self, request: Request) -> Answer:
         """Authorized, but no route took it: 405 on a known path, else 404 (as the router did)."""
         path = unquote(request.path)
+        parts = path.split("/")
         known = path == "/admin/reload" or (
-            path.startswith("/admin/breakers/") and path.rsplit("/", 1)[-1] in ACTIONS)
+            path.startswith("/admin/breakers/") and path.rsplit("/", 1)[-1] in ACTIONS) or (
+            _shaped(parts, QUEUE_ITEM_PATH) and parts[-1] in QUEUE_ITEM_ACTIONS) or (
+            _shaped(parts, SCENARIO_PATH) and self._board.scenarios is not None)
         if known:
             return _json(405, {"error": "method_not_allowed", "allow": "POST"}, {"Allow": "POST"})
         return _json(404, {"error": "not_found", "path": path})

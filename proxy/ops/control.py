@@ -28,9 +28,23 @@ from proxy.ops.alerts import Alerter
 from proxy.ops.events import EventHub
 from proxy.ops.paths import route_path, unquote
 from proxy.ops.reload import Reloader
-from proxy.ops.status import QueueSource, StatusBoard, StatusPage, json_answer, status_json_answer
+from proxy.fallbacks.queue import QueueBook
+from proxy.fallbacks.queue_items import QueueItems
+from proxy.ops.history import KEPT_S
+from proxy.ops.wording import shop_term
+from proxy.ops.status import (
+    QueueSource,
+    Scenarios,
+    StatusBoard,
+    StatusPage,
+    json_answer,
+    status_json_answer,
+)
 from proxy.runtime.metrics import Metrics
+from proxy.runtime.persistence import metrics_history
 from proxy.runtime.registry import Registry
+from proxy.storage.base import BatchedStorage as Storage
+from proxy.storage.base import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +57,23 @@ class ControlPlane:
     """The reserved paths' handlers and the background work behind them, for one app."""
 
     def __init__(self, settings: Settings, registry: Registry, metrics: Metrics, *,
-                 queues: QueueSource | None = None, admin_token: str | None = None) -> None:
+                 queues: QueueSource | None = None, admin_token: str | None = None,
+                 queue_book: QueueBook | None = None, storage: Storage | None = None,
+                 scenarios: Scenarios | None = None) -> None:
         """`queues` lists the fallback queues ([{"name", "depth", "dead_letter"}]);
-        `admin_token` overrides the environment (tests), else `resolve_token` reads or makes one."""
+        `admin_token` overrides the environment (tests), else `resolve_token` reads or makes one.
+        `queue_book`: the queued requests' listing and dead-letter actions; `storage`: where the
+        charts' history is read back from at start; `scenarios`: the demo's, shown as buttons."""
         self._registry = registry
         self._metrics = metrics
         self._token_env = settings.admin.token_env
+        self._storage = storage
         self.board = StatusBoard(registry, metrics)
         if queues is not None:
             self.board.queues = queues
+        if queue_book is not None:
+            self.board.queue_items = QueueItems(queue_book)
+        self.board.scenarios = scenarios
         self.hub = EventHub(self.board, metrics)
         self.alerter = Alerter(settings.alerts, metrics)
         self.reloader = Reloader(registry, metrics, settings.config_path)
@@ -71,13 +93,25 @@ class ControlPlane:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Webhook delivery, the status ticker, and the generated token's one log line."""
+        """The charts' history back, webhook delivery, the status ticker, and the generated
+        token's one log line."""
+        if self._storage is not None and self._ticker is None:
+            await self._restore_history(self._storage)
         await self.alerter.start()
         if self._ticker is None:
             self._ticker = asyncio.create_task(self.hub.run_ticker(), name="status-ticker")
         if self.token_generated and not self._announced:
             self._announced = True
             announce_token(self._token_env, self.admin_token)
+
+    async def _restore_history(self, storage: Storage) -> None:
+        since = self._registry.clock.wall() - KEPT_S
+        try:
+            rows = await metrics_history(storage, since)
+        except StorageError as exc:
+            log.warning("status history not restored: %s", exc)
+            return
+        log.info("status history restored: %d buckets", self.board.history.restore(rows))
 
     def close_streams(self) -> None:
         """Shutdown begins: every /status/events stream ends now, so none holds up the drain."""
@@ -106,11 +140,26 @@ class ControlPlane:
             if path == "/status":
                 return self._page.answer()
             if path == "/status.json":
-                return status_json_answer(self.board)
+                return status_json_answer(self.board, request.query_string)
             if path == "/status/events":
                 return self.hub.answer(head=request.method == "HEAD")
+            if path.startswith("/status/queues/") and path.count("/") == 3:
+                return await self.queue_listing(unquote(path.rsplit("/", 1)[1]))
         if path.startswith("/status/"):
             return json_answer(404, {"error": "not_found", "path": unquote(request.path)})
         # Everything else went on to the proxy route, which knows no such service (config
         # validation refuses the reserved names); it answered with the raw first segment.
         return unknown_service(split_service(request.path)[0])
+
+    async def queue_listing(self, name: str) -> Answer:
+        """GET /status/queues/<queue>: its requests (pending oldest first, then the newest dead
+        letters), the oldest one's age and the next replay; read from storage per request."""
+        items = self.board.queue_items
+        if items is None or not items.knows(name):
+            return json_answer(404, {"error": "unknown_queue", "queue": name})
+        try:
+            listing = await items.listing(name)
+        except StorageError as exc:
+            return json_answer(503, {"error": "storage_unavailable", "detail": str(exc)})
+        listing["label"] = shop_term(name.split(".", 1)[0], "queue")
+        return json_answer(200, listing, {"Cache-Control": "no-store"})

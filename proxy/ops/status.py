@@ -1,8 +1,9 @@
 """/status.json (fixed shape, §6), the /status page, and the StatusBoard behind both.
 
-The board keeps what a breaker does not: its last few transitions and a short history of
-outcome counts per tick (the page's sparkline). It is fed by a transition listener and by
-the live-status ticker (`proxy.ops.events`), never by requests, so it costs nothing per call.
+The board keeps what a breaker does not: its last few transitions, the charts' history
+(`proxy.ops.history`) and when each last failure was seen. It is fed by a transition listener
+and by the live-status ticker (`proxy.ops.events`), never by requests, so it costs nothing per
+call. Words for the operator (plain failure reasons, shop terms) come from `proxy.ops.wording`.
 Everything shown on the page is put there with `textContent`, so names from the config or
 values from requests are never parsed as HTML. Answers are the project's own `Answer`s: this
 module never touches a socket or a web framework.
@@ -19,17 +20,19 @@ from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.core.breaker import Transition
 from proxy.core.messages import Answer
+from proxy.fallbacks.queue_items import QueueItems
+from proxy.ops.history import TAIL, History
+from proxy.ops.wording import failure_words, shop_term
 from proxy.runtime.metrics import Metrics
 from proxy.runtime.registry import Registry, RouteRuntime
 
 log = logging.getLogger(__name__)
 
 TRANSITIONS_KEPT = 8  # per breaker, newest last
-HISTORY_KEPT = 60  # ticks of outcome counts per breaker (a minute at the default tick)
 
 QueueSource = Callable[[], list[dict[str, Any]]]
 
@@ -53,16 +56,21 @@ def iso(wall: float | None) -> str | None:
 
 
 class StatusBoard:
-    """Recent transitions and outcome history per breaker, plus where the queues come from."""
+    """Recent transitions, charted history and last failures per breaker, plus where the queues
+    and the demo scenarios come from."""
 
     def __init__(self, registry: Registry, metrics: Metrics) -> None:
         self._registry = registry
         self._metrics = metrics
         self._transitions: dict[str, deque[dict[str, Any]]] = {}
-        self._history: dict[str, deque[tuple[int, int, int]]] = {}
-        self._last_calls: dict[str, tuple[int, int, int]] = {}
+        self.history = History(registry, metrics)
+        # The failure each breaker's runtime last noted, and when the board first saw it.
+        self._failures: dict[str, tuple[object, float]] = {}
         # The queue fallbacks report [{"name", "depth", "dead_letter"}] through this.
         self.queues: QueueSource = list
+        self.queue_items: QueueItems | None = None  # limits and listings, when the app has queues
+        self.scenarios: Scenarios | None = None
+        self.cluster: Callable[[], dict[str, Any]] | None = None  # §8 {"connected", …}
 
     def on_transition(self, transition: Transition) -> None:
         """A breaker listener: remember the transition (non-blocking, bounded)."""
@@ -73,44 +81,75 @@ class StatusBoard:
                      "at": iso(transition.at_wall), "reason": transition.reason})
 
     def sample(self) -> None:
-        """One tick of history: calls per outcome since the previous tick, per breaker."""
+        """One tick: the charts' buckets move on, and new failures get their time."""
         routes = self._registry.routes
-        for name, runtime in routes.items():
-            view = runtime.breaker.view()
-            calls = (view.calls_success, view.calls_failure, view.calls_rejected)
-            last = self._last_calls.get(name, calls)
-            # A reset (or a breaker rebuilt by a reload) starts its counts again from zero.
-            delta = tuple(now - before if now >= before else now for now, before in zip(calls, last))
-            self._last_calls[name] = calls
-            history = self._history.get(name)
-            if history is None:
-                history = self._history[name] = deque(maxlen=HISTORY_KEPT)
-            history.append(delta)  # type: ignore[arg-type]
-        for table in (self._history, self._last_calls, self._transitions):
+        self.history.sample(self._registry.clock.wall())
+        for runtime in routes.values():
+            self._last_failure(runtime)
+        for table in (self._transitions, self._failures):
             for name in [name for name in table if name not in routes]:
                 del table[name]  # its route left the config
 
-    def extras(self, name: str) -> dict[str, Any]:
+    def _last_failure(self, runtime: RouteRuntime) -> dict[str, Any] | None:
+        noted = runtime.last_failure
+        if noted is None:
+            return None
+        seen = self._failures.get(runtime.name)
+        if seen is None or seen[0] is not noted:
+            # Stamped when first seen (within a tick of the call): no clock read per call.
+            seen = self._failures[runtime.name] = (noted, self._registry.clock.wall())
+        kind, detail = noted
+        policy = runtime.route.policy
+        text = failure_words(kind, detail, timeout_ms=policy.timeout_ms,
+                             slow_ms=runtime.breaker.slow_threshold_s() * 1000)
+        return {"kind": kind, "text": text, "at": iso(seen[1])}
+
+    def extras(self, runtime: RouteRuntime, *, full_history: bool = False) -> dict[str, Any]:
+        name = runtime.name
         return {
             "transitions": list(self._transitions.get(name, ())),
-            "history": [list(counts) for counts in self._history.get(name, ())],
+            "last_failure": self._last_failure(runtime),
+            # Every snapshot carries the bucket under way; the page asks once for the rest.
+            "history": self.history.series(name, None if full_history else TAIL),
         }
 
-    def document(self) -> dict[str, Any]:
-        return status_document(self._registry, self.queues(), board=self)
+    def document(self, *, full_history: bool = False) -> dict[str, Any]:
+        document = status_document(self._registry, self.queue_documents(), board=self,
+                                   full_history=full_history)
+        if self.scenarios is not None:
+            document["scenarios"] = {"available": self.scenarios.available(),
+                                     "running": self.scenarios.running()}
+        if self.cluster is not None:  # §8: only a proxy that shares its breakers says this
+            document["cluster"] = self.cluster()
+        return document
 
-    def entries(self) -> list[dict[str, Any]]:
+    def queue_documents(self) -> list[dict[str, Any]]:
+        """The queues' /status.json entries, as the queues report them (limits, shop terms and
+        the requests are in the listing: GET /status/queues/<queue>)."""
+        return self.queues()
+
+    def entries(self, *, full_history: bool = False) -> list[dict[str, Any]]:
         counts = self._metrics.fallback_counts()  # once per document, not per breaker
-        return [self.entry(runtime, counts) for runtime in self._registry.routes.values()]
+        return [self.entry(runtime, counts, full_history=full_history)
+                for runtime in self._registry.routes.values()]
 
-    def entry(self, runtime: RouteRuntime, fallback_counts: dict[str, int] | None = None) -> dict[str, Any]:
+    def entry(self, runtime: RouteRuntime, fallback_counts: dict[str, int] | None = None, *,
+              full_history: bool = False) -> dict[str, Any]:
         """The breaker's /status.json entry with what the page shows beyond the contract."""
         if fallback_counts is None:
             fallback_counts = self._metrics.fallback_counts()
         entry = breaker_entry(runtime)
         entry["fallbacks_served"] = fallback_counts.get(runtime.name, 0)
-        entry.update(self.extras(runtime.name))
+        entry.update(self.extras(runtime, full_history=full_history))
         return entry
+
+
+class Scenarios(Protocol):
+    """Demo scenarios the page can start (the living demo hands one to the control plane)."""
+
+    def available(self) -> list[dict[str, Any]]: ...  # [{"name", "title", "description"}]
+    def running(self) -> str | None: ...
+    async def start(self, name: str) -> None: ...  # KeyError for an unknown name
 
 
 def breaker_entry(runtime: RouteRuntime) -> dict[str, Any]:
@@ -138,6 +177,8 @@ def breaker_entry(runtime: RouteRuntime) -> dict[str, Any]:
         "in_flight": runtime.bulkhead.in_flight,
         "upstream": runtime.upstream,
         "fallback": route.fallback.type if route.fallback else None,
+        "shop_term": shop_term(route.service, route.fallback.type if route.fallback else None),
+        "window_failures": view.window.failures,  # of window_calls: "3 of 3 failed"
         "thresholds": {
             "failure_threshold": policy.failure_threshold,
             "failure_rate_threshold": policy.failure_rate_threshold,
@@ -150,18 +191,20 @@ def breaker_entry(runtime: RouteRuntime) -> dict[str, Any]:
 
 
 def status_document(registry: Registry, queues: list[dict[str, Any]] | None = None, *,
-                    board: StatusBoard | None = None) -> dict[str, Any]:
+                    board: StatusBoard | None = None, full_history: bool = False) -> dict[str, Any]:
     registry.refresh()  # half_open once retry_at has passed, before anyone reads it (§3)
     if board is None:
         breakers = [breaker_entry(runtime) for runtime in registry.routes.values()]
     else:
-        breakers = board.entries()
+        breakers = board.entries(full_history=full_history)
     return {"breakers": breakers, "queues": queues or []}
 
 
-def status_json_answer(board: StatusBoard) -> Answer:
-    """/status.json: computed per request (it is cheap and must be current), never cached."""
-    return json_answer(200, board.document(), {"Cache-Control": "no-store"})
+def status_json_answer(board: StatusBoard, query: str = "") -> Answer:
+    """/status.json: computed per request (it is cheap and must be current), never cached.
+    `?history=1`: each breaker's whole charted history (15 minutes), not only its last buckets."""
+    full_history = "history=1" in query.split("&")
+    return json_answer(200, board.document(full_history=full_history), {"Cache-Control": "no-store"})
 
 
 # -- the page --------------------------------------------------------------------------------

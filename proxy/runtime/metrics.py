@@ -5,25 +5,35 @@ A prometheus-client child takes a lock and a few calls per `inc()` / `observe()`
 moves six of them. `Tally` and `Timings` are an attribute increment and a bisect instead,
 bound once per route like the children were, and `_PerRequest` (a collector) turns them into
 the same families at scrape time, exactly (the event loop both counts and scrapes).
+
+No `_created` series: a counter's creation time is one more series per counter child that no
+dashboard or rule reads; prometheus-client's public switch turns them off for the process.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from decimal import Decimal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client import ProcessCollector, PlatformCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from proxy.config.fallback_options import FALLBACK_TYPES as FALLBACK_KINDS
-from proxy.core.breaker import ALL_STATES, State, Transition
+from proxy.core.breaker import ALL_STATES, BreakerView, State, Transition
 
 RETRY_RESULTS = ("success", "failure", "budget_exhausted", "rejected")
 OUTCOMES = ("success", "failure", "rejected")
 _CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BUCKET_LABELS = tuple(floatToGoString(bound) for bound in _CALL_BUCKETS) + ("+Inf",)
+
+# What a queue with an amount_field has outstanding, and its cap (None: no cap), read at
+# scrape time from the queue's own counters.
+ExposureReading = Callable[[], tuple[Decimal | float, Decimal | float | None]]
+
+disable_created_metrics()
 
 
 class Tally:
@@ -78,7 +88,16 @@ class Metrics:
         self.failure_rate = Gauge("circuit_breaker_failure_rate",
                                   "Failure ratio over the window (0 below minimum_calls)", ["breaker"],
                                   registry=r)
+        # Beyond §6, set from the same reading as failure_rate (Registry.refresh, at scrape).
+        self.slow_call_rate = Gauge("circuit_breaker_slow_call_rate",
+                                    "Slow-call ratio over the window (0 below minimum_calls)", ["breaker"],
+                                    registry=r)
+        self.seconds_to_half_open = Gauge("circuit_breaker_seconds_to_half_open",
+                                          "Seconds until an open breaker turns half_open (0 when not open)",
+                                          ["breaker"], registry=r)
         r.register(_PerRequest(self))
+        self.exposures: dict[str, ExposureReading] = {}  # queue name → its reading
+        r.register(_Exposure(self.exposures))
         self.queue_depth = Gauge("fallback_queue_depth", "Requests waiting in a fallback queue",
                                  ["queue"], registry=r)
         self.queue_dead_letters = Gauge("fallback_queue_dead_letters",
@@ -97,6 +116,16 @@ class Metrics:
         self.status_events_dropped = Counter("circuit_proxy_status_events_dropped_total",
                                              "Live-status events a slow client did not get",
                                              registry=r)
+
+    def watch_queue(self, queue: str, reading: ExposureReading) -> None:
+        """Report a queue's exposure (sum of queued amounts) and its cap at each scrape."""
+        self.exposures[queue] = reading
+
+    def cluster_connected(self) -> Gauge:
+        """§8, only for a proxy with `cluster.share_breakers`: 1 while it shares breakers with
+        its fleet, 0 while the database is unreachable and it goes on alone."""
+        return Gauge("circuit_proxy_cluster_connected",
+                     "1 while breakers are shared with the fleet, 0 while alone", registry=self.registry)
 
     def for_breaker(self, breaker: str, fallback: str | None, *, retries: bool = False) -> BreakerMetrics:
         metrics = BreakerMetrics(self, breaker, fallback, retries)
@@ -155,6 +184,26 @@ class _PerRequest:
         yield from (calls, slow, durations, fallbacks, retries, requests, request_durations)
 
 
+class _Exposure:
+    """`fallback_queue_exposure` and `fallback_queue_exposure_cap`, for queues with an
+    amount_field, read from the queues' counters at scrape time (nothing per request)."""
+
+    def __init__(self, readings: dict[str, ExposureReading]) -> None:
+        self._readings = readings
+
+    def collect(self) -> Iterator[Metric]:
+        exposure = GaugeMetricFamily("fallback_queue_exposure",
+                                     "Sum of the amounts waiting in a queue (its amount_field)",
+                                     labels=["queue"])
+        cap = GaugeMetricFamily("fallback_queue_exposure_cap", "The queue's exposure_cap", labels=["queue"])
+        for name, reading in self._readings.items():
+            outstanding, limit = reading()
+            exposure.add_metric([name], float(outstanding))
+            if limit is not None:
+                cap.add_metric([name], float(limit))
+        yield from (exposure, cap)
+
+
 def _buckets(timings: Timings) -> list[tuple[str, float]]:
     return [(label, float(count)) for label, (_, count) in zip(_BUCKET_LABELS, timings.cumulative())]
 
@@ -163,8 +212,8 @@ class BreakerMetrics:
     """One breaker's numbers, bound once: requests touch only these."""
 
     __slots__ = ("_metrics", "name", "_states", "success", "failure", "rejected", "slow",
-                 "call_duration", "failure_rate", "fallback", "fallbacks", "request_duration", "codes",
-                 "_removed", "retries")
+                 "call_duration", "failure_rate", "slow_call_rate", "seconds_to_half_open", "fallback",
+                 "fallbacks", "request_duration", "codes", "_removed", "retries")
 
     def __init__(self, metrics: Metrics, breaker: str, fallback: str | None,
                  retries: bool = False) -> None:
@@ -177,6 +226,8 @@ class BreakerMetrics:
         self.slow = Tally()
         self.call_duration = Timings()
         self.failure_rate = metrics.failure_rate.labels(breaker)
+        self.slow_call_rate = metrics.slow_call_rate.labels(breaker)
+        self.seconds_to_half_open = metrics.seconds_to_half_open.labels(breaker)
         self.fallbacks: dict[str, Tally] = {}  # fallback type → served (a reload may change it)
         self.fallback: Tally | None = None
         self.set_fallback(fallback)
@@ -189,6 +240,12 @@ class BreakerMetrics:
 
     def set_fallback(self, fallback: str | None) -> None:
         self.fallback = self.fallbacks.setdefault(fallback, Tally()) if fallback else None
+
+    def show_view(self, view: BreakerView) -> None:
+        """The window's rates and the time to half-open, from one reading (at scrape time)."""
+        self.failure_rate.set(view.failure_rate or 0.0)
+        self.slow_call_rate.set(view.slow_call_rate or 0.0)
+        self.seconds_to_half_open.set(max(view.retry_after or 0.0, 0.0))
 
     def show_state(self, state: State) -> None:
         for each, child in self._states.items():
@@ -218,6 +275,8 @@ class BreakerMetrics:
         for family, label_sets in (
             (m.state, [(self.name, s.value) for s in ALL_STATES]),
             (m.failure_rate, [(self.name,)]),
+            (m.slow_call_rate, [(self.name,)]),
+            (m.seconds_to_half_open, [(self.name,)]),
             (m.transitions, [(self.name, a.value, b.value) for a in ALL_STATES for b in ALL_STATES]),
         ):
             for labels in label_sets:

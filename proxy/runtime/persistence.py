@@ -27,6 +27,7 @@ from proxy.config.model import Settings
 from proxy.core.breaker import Breaker, State, Transition
 from proxy.runtime.metrics import Metrics
 from proxy.runtime.registry import Registry, ReloadResult, RouteRuntime
+from proxy.storage.base import BatchedStorage
 from proxy.storage.sqlite import Storage, StorageError, register_schema
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ SNAPSHOT = (
     " calls_rejected, slow_calls, failure_rate, slow_call_rate, latency_p50_s, latency_p95_s,"
     " latency_p99_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 EXPIRE = "DELETE FROM circuit_breaker_metrics WHERE at_wall < ?"
+HISTORY = ("SELECT breaker, at_wall, calls_success, calls_failure, calls_rejected, latency_p50_s,"
+           " latency_p95_s FROM circuit_breaker_metrics WHERE at_wall >= ? ORDER BY breaker, at_wall")
 _MANUAL = {State.FORCED_OPEN: Breaker.force_open, State.FORCED_CLOSED: Breaker.force_closed,
            State.DISABLED: Breaker.disable}
 QUANTILES = (0.5, 0.95, 0.99)
@@ -126,6 +129,13 @@ def quantiles(buckets: list[tuple[float, float]], qs: tuple[float, ...] = QUANTI
                 break
             lower_bound, lower_count = bound, count
     return answers
+
+
+async def metrics_history(storage: BatchedStorage, since_wall: float) -> list[tuple[Any, ...]]:
+    """The snapshots since `since_wall`, per breaker in time order: (breaker, at_wall, success,
+    failure, rejected, p50 s, p95 s); counts are cumulative since that process's start or the
+    last reset. Read once, when the status page's history is put back after a restart."""
+    return await storage.fetchall(HISTORY, (since_wall,))
 
 
 class BreakerStore:

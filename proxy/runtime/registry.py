@@ -25,6 +25,11 @@ from proxy.core.routing import Router
 log = logging.getLogger(__name__)
 
 TransitionListener = Callable[[Transition], None]
+ActionListener = Callable[[str, str], None]  # (breaker, admin action: "force-open", …)
+# What RouteRuntime.note_failure is told: a status in failure_statuses (detail: the status),
+# no connection or a reset (detail: the error's text), the route's timeout, an answer cut off
+# mid-body, or a call at or past the slow threshold (detail: seconds).
+FAILURE_KINDS = ("http", "unreachable", "timeout", "broken", "slow")
 FallbackFactory = Callable[[Route, str], "Fallback | None"]
 
 
@@ -32,7 +37,8 @@ class RouteRuntime:
     """One route's breaker, bulkhead, metrics, fallback and upstream call settings."""
 
     __slots__ = ("route", "name", "breaker", "bulkhead", "metrics", "fallback", "upstream",
-                 "timeout_s", "connect_timeout_s", "failure_statuses", "retry", "retry_budget")
+                 "timeout_s", "connect_timeout_s", "failure_statuses", "retry", "retry_budget",
+                 "last_failure")
 
     def __init__(self, route: Route, upstream: str, breaker: Breaker, bulkhead: Bulkhead,
                  metrics: BreakerMetrics, fallback: Fallback | None) -> None:
@@ -50,6 +56,9 @@ class RouteRuntime:
         # §3b: None when the route does not retry; the budget counts its requests and retries.
         self.retry = policy.retry if policy.retry.attempts > 0 else None
         self.retry_budget = RetryBudget(policy.retry.budget_percent) if self.retry is not None else None
+        # Why the last call went wrong, for the status page: (kind, detail), kind one of
+        # FAILURE_KINDS. Replaced, never appended to: a failed call costs one tuple.
+        self.last_failure: tuple[str, object] | None = None
 
     def record(self, permit: Permit, *, failed: bool, marked_slow: bool = False) -> float:
         """The outcome of a permitted call, to its breaker and its metrics; its duration.
@@ -62,12 +71,19 @@ class RouteRuntime:
         metrics.call_duration.observe(duration)
         if not marked_slow and duration >= threshold:
             metrics.slow.inc()
+            if not failed:
+                self.last_failure = ("slow", duration)
         return duration
+
+    def note_failure(self, kind: str, detail: object = None) -> None:
+        """Why a call failed (one of FAILURE_KINDS), for the status page; off the healthy path."""
+        self.last_failure = (kind, detail)
 
     def mark_slow(self, permit: Permit) -> None:
         """A call in flight crossed the slow threshold (§3a): slow from this moment, once."""
         self.breaker.mark_slow(permit)
         self.metrics.slow.inc()
+        self.last_failure = ("slow", self.breaker.slow_threshold_s())
 
     def release(self, permit: Permit, *, marked_slow: bool = False) -> None:
         """The call ended as neither success nor failure (client gone, request broken)."""
@@ -90,10 +106,20 @@ class Registry:
         self._fallback_factory = fallback_factory or (lambda route, upstream: None)
         self._rng = rng or random.Random()
         self._listeners: list[TransitionListener] = []
+        self._action_listeners: list[ActionListener] = []
         self.settings = settings
         self.routes: dict[str, RouteRuntime] = {}
         self.router: Router[RouteRuntime] = Router((), lambda r: None)
         self.apply(settings)
+
+    def add_action_listener(self, listener: ActionListener) -> None:
+        """Called with (breaker, action) after an operator's action (admin, §6), so a fleet
+        can apply it everywhere (§8). Not called for what the fleet itself applies."""
+        self._action_listeners.append(listener)
+
+    def announce_action(self, name: str, action: str) -> None:
+        for listener in self._action_listeners:
+            listener(name, action)
 
     def add_listener(self, listener: TransitionListener) -> None:
         """Called with every transition of every breaker, present and future."""
@@ -108,7 +134,7 @@ class Registry:
         """Apply due time-based transitions (open → half_open) so readers see them."""
         for runtime in self.routes.values():
             view = runtime.breaker.view()
-            runtime.metrics.failure_rate.set(view.failure_rate or 0.0)
+            runtime.metrics.show_view(view)  # rates and time to half-open, read at scrape time
 
     def apply(self, settings: Settings) -> ReloadResult:
         result = ReloadResult()
@@ -169,7 +195,10 @@ class Registry:
             fallback = previous.fallback
         else:
             fallback = self._fallback_factory(route, upstream)
-        return RouteRuntime(route, upstream, breaker, bulkhead, metrics, fallback)
+        runtime = RouteRuntime(route, upstream, breaker, bulkhead, metrics, fallback)
+        if previous is not None and previous.breaker is breaker:
+            runtime.last_failure = previous.last_failure  # same breaker, same story
+        return runtime
 
 
 # Their state (queued requests and their replay worker, remembered answers) must survive a

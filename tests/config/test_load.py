@@ -92,18 +92,19 @@ def test_every_problem_is_reported_with_line_and_key_path(tmp_path):
               bad: {match: {path_regex: "("}}
     """, {"CIRCUIT_BREAKER_TIMEOUT": "5s"})
     assert found == [
+        # By line, top to bottom; the environment's last.
         "F:1: server.port: must be ≤ 65535, got 70000",
+        "F:3: defaults.window.size: 5 is smaller than minimum_calls (10)",
         "F:4: defaults.success_threshold: must be ≥ 1, got 0",
         "F:5: defaults.failure_rate_threshold: must be ≤ 100, got 120",
-        "env CIRCUIT_BREAKER_TIMEOUT: defaults.open_timeout_ms: not an integer: '5s'",
-        "F:3: defaults.window.size: 5 is smaller than minimum_calls (10)",
-        "F:9: services.payment.timeout: unknown key (did you mean timeout_ms?)",
         "F:8: services.payment.upstream: not an http(s) URL with a host: 'ftp://nowhere'",
+        "F:9: services.payment.timeout: unknown key (did you mean timeout_ms?)",
         "F:12: services.payment.routes.charges.match.path: must start with '/': 'charges'",
         f"F:13: services.payment.routes.charges.fallback.file: '../../etc/passwd' resolves outside "
         f"{tmp_path / 'fallback_responses'}",
         "F:14: services.payment.routes.bad.match.path_regex: not a valid regular expression: "
         "missing ), unterminated subpattern at position 0",
+        "env CIRCUIT_BREAKER_TIMEOUT: defaults.open_timeout_ms: not an integer: '5s'",
     ]
 
 
@@ -227,8 +228,8 @@ def test_every_tls_problem_with_line_and_key_path(tmp_path):
     config = tmp_path / "config"
     assert found == [
         "F:5: services.a.tls.ca_fle: unknown key (did you mean ca_file?)",
-        "F:7: services.a.tls.verify: not a boolean: 'no'",
         f"F:6: services.a.tls.ca_file: no such file: {config / 'missing.pem'}",
+        "F:7: services.a.tls.verify: not a boolean: 'no'",
         f"F:11: services.b.tls.client_cert: not a file: {config / 'folder.pem'}",
         "F:15: services.c.tls.verify: not a boolean: 1",
         "F:15: services.c.tls.client_key: needs client_cert",
@@ -378,7 +379,7 @@ def test_every_new_key_problem_with_line_and_key_path(tmp_path):
     ("services:\n  a: {upstream: 'http://h:1', slow_call_duration_ms: 1.5}\n",
      "F:2: services.a.slow_call_duration_ms: not an integer or 'auto': 1.5"),
     ("services:\n  a: {upstream: 'http://h:1', slow_call_duration_ms: true}\n",
-     "F:2: services.a.slow_call_duration_ms: not an integer or 'auto': True"),
+     "F:2: services.a.slow_call_duration_ms: not an integer or 'auto': 'true' (YAML reads it as a boolean)"),
     ("services:\n  a: {upstream: 'http://h:1', auto_slow_factor: auto}\n",
      "F:2: services.a.auto_slow_factor: not a number: 'auto'"),
     ("services:\n  a: {upstream: 'http://h:1', auto_slow_floor_ms: 2.5}\n",

@@ -1,5 +1,8 @@
-"""Queued requests survive kill -9 (§5): the proxy runs as a real process, killed mid-replay,
+"""What fallbacks know survives a restart (§5).
+
+Queued requests survive kill -9: the proxy runs as a real process, killed mid-replay,
 restarted, and every accepted request reaches the upstream exactly once, in acceptance order.
+Cached stock survives a restart during an inventory outage: served scaled, with its true Age.
 
 Fake upstreams run in this process on port 0; the fake services de-duplicate by
 Idempotency-Key, so "exactly once" is what they record. Bounded: the whole test must finish
@@ -17,6 +20,8 @@ import sys
 from pathlib import Path
 
 import aiohttp
+
+from proxy.core.clock import FakeClock
 
 NOTIFICATIONS = 500
 PAYMENTS = 200
@@ -167,3 +172,48 @@ async def test_every_accepted_request_is_delivered_once_in_order_across_kill_9(w
         assert fakes.requests("notification") >= NOTIFICATIONS
         assert await asyncio.to_thread(read_states, tmp_path / "var" / "proxy.db") == {
             "notification.notifications:delivered": NOTIFICATIONS, "payment.charges:delivered": PAYMENTS}
+
+
+CACHE_CONFIG = """
+    storage: {path: $db}
+    defaults: {failure_threshold: 1, failure_rate_threshold: 0, slow_call_rate_threshold: 0,
+               open_timeout_ms: 600000, max_open_timeout_ms: 600000, timeout_ms: 2000}
+    services:
+      inventory:
+        upstream: $inventory
+        routes:
+          stock:
+            match: {methods: [GET], path: /stock}
+            fallback: {type: cache, max_age_s: 60, max_entries: 100, scale: {available: 0.5},
+                       default_file: inventory-unknown.json}
+"""
+
+
+async def get_json(proxy, path: str) -> tuple[int, dict[str, str], object]:
+    async with proxy.session.get(proxy.url(path)) as response:
+        return response.status, dict(response.headers), await response.json(content_type=None)
+
+
+async def test_cached_stock_survives_a_restart_during_an_outage_with_its_true_age(start_proxy, fakes):
+    clock = FakeClock()
+    proxy = await start_proxy(CACHE_CONFIG, clock=clock)
+    assert (await get_json(proxy, "/inventory/stock/SKU-002"))[2] == {"sku": "SKU-002", "available": 34}
+    clock.advance(30)
+    assert (await get_json(proxy, "/inventory/stock/SKU-001"))[2] == {"sku": "SKU-001", "available": 17}
+    # The outage: the breaker opens, and the proxy is restarted during it (31 s of wall time).
+    await fakes.set_mode("inventory", "error", status=503)
+    assert (await get_json(proxy, "/inventory/stock/SKU-050"))[0] == 503
+    await proxy.close()
+    clock.advance(31)
+    seen = fakes.requests("inventory")
+
+    restarted = await start_proxy(CACHE_CONFIG, clock=clock)
+    assert restarted.app.cache_store.restored == 1  # SKU-002, 61 s old, is past max_age_s
+    status, headers, body = await get_json(restarted, "/inventory/stock/SKU-001")
+    assert (status, body) == (200, {"sku": "SKU-001", "available": 8})  # 17 × 0.5, floored
+    assert {k: headers[k] for k in ("Age", "X-Fallback-Estimated", "X-Fallback", "X-Circuit-State")} == {
+        "Age": "31", "X-Fallback-Estimated": "true", "X-Fallback": "cache", "X-Circuit-State": "open"}
+    # So SKU-002 is not served: the default file answers, as for a sku never seen.
+    status, headers, body = await get_json(restarted, "/inventory/stock/SKU-002")
+    assert (status, "Age" in headers, body["available"], body["estimated"]) == (200, False, 0, True)
+    assert fakes.requests("inventory") == seen  # all from the proxy's memory: the breaker is open

@@ -83,6 +83,11 @@ async def test_prometheus_scrapes_an_open_breaker(start_proxy, fakes, tmp_path):
             failures = await query(session, base,
                                    'circuit_breaker_calls_total{breaker="payment.charges",outcome="failure"}')
             assert [sample["value"][1] for sample in failures] == ["2"]
+            # The scrape-time gauges reach Prometheus too; no `_created` series does.
+            waiting = await query(session, base, 'circuit_breaker_seconds_to_half_open > 0')
+            assert [sample["metric"]["breaker"] for sample in waiting] == ["payment.charges"]
+            created = await query(session, base, '{__name__=~".+_created"}')
+            assert created == []
             async with session.get(f"{base}/api/v1/rules") as response:
                 groups = (await response.json())["data"]["groups"]
             assert [rule["name"] for rule in groups[0]["rules"]][:2] == [

@@ -1,10 +1,12 @@
-"""proxy/fallbacks/queue.py: options, amounts and the acceptance bookkeeping on real SQLite."""
+"""proxy/fallbacks/queue.py: options, amounts and the acceptance bookkeeping on real SQLite, and
+the same acceptance on a real PostgreSQL (a fleet of one: the checks read the table)."""
 
 from __future__ import annotations
 
 import json
 from decimal import Decimal
 
+import pytest
 from multidict import CIMultiDict
 
 from proxy.config.model import FallbackSpec, Match, Policy, Route
@@ -16,6 +18,7 @@ from proxy.fallbacks.base import FallbackContext
 from proxy.fallbacks.queue import FIND_KEY, QueueBook, QueueFallback, QueueOptions, _decimal
 from proxy.fallbacks.replay import ReplayWorker
 from proxy.runtime.metrics import Metrics
+from proxy.storage.postgres import PostgresStorage
 from proxy.storage.sqlite import Storage
 
 OPTIONS = {"max_depth": 10, "max_attempts": 4, "max_body_bytes": 1024, "amount_field": "payment.amount",
@@ -118,8 +121,22 @@ class NoWorker:
         pass
 
 
-async def test_acceptance_stores_what_replay_sends_and_answers_202(tmp_path):
-    storage = await _open(tmp_path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine_url(request) -> str | None:
+    """None: SQLite; else a fresh PostgreSQL database (made outside the event loop)."""
+    return None if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+async def any_storage(engine_url, tmp_path):
+    """Each engine, open; closed by the test."""
+    storage = Storage(tmp_path / "q.db") if engine_url is None else PostgresStorage(engine_url)
+    await storage.open()
+    return storage
+
+
+async def test_acceptance_stores_what_replay_sends_and_answers_202(any_storage):
+    storage = any_storage
     book = QueueBook(storage, FakeClock())
     fallback = book.fallback(queue_route("a"), NoWorker)
     assert isinstance(fallback, QueueFallback)
@@ -148,8 +165,8 @@ async def test_acceptance_stores_what_replay_sends_and_answers_202(tmp_path):
         await storage.close()
 
 
-async def test_a_retried_key_gets_the_first_answer_and_limits_refuse(tmp_path):
-    storage = await _open(tmp_path)
+async def test_a_retried_key_gets_the_first_answer_and_limits_refuse(any_storage):
+    storage = any_storage
     book = QueueBook(storage, FakeClock())
     fallback = book.fallback(queue_route("a"), NoWorker)
     await book.start()

@@ -29,6 +29,7 @@ from proxy.fallbacks.build import FallbackDeps, build_fallback
 from proxy.fallbacks.queue import QueueBook, QueueState
 from proxy.runtime.metrics import Metrics
 from proxy.runtime.registry import Registry, RouteRuntime
+from proxy.storage.postgres import PostgresStorage
 from proxy.storage.sqlite import Storage
 
 NAME = "payment.charges"
@@ -66,7 +67,7 @@ class AiohttpClient:
 class Harness:
     book: QueueBook
     registry: Registry
-    storage: Storage
+    storage: Storage | PostgresStorage
     client: AiohttpClient
     clock: FakeClock
 
@@ -103,8 +104,15 @@ class Harness:
             "SELECT id, state, attempts, last_error FROM queue_items ORDER BY id")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine_url(request) -> str | None:
+    """None: SQLite; else a fresh PostgreSQL database (made outside the event loop)."""
+    return None if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-async def start(fakes, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def start(engine_url, fakes, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """A harness on each engine (PostgreSQL: a fleet of one, delivering under its lease)."""
     started: list[Harness] = []
 
     async def start(policy: Policy | None = None, *, with_client: bool = True, **options: Any) -> Harness:
@@ -113,7 +121,7 @@ async def start(fakes, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         settings = Settings(storage=StorageSettings(path=str(tmp_path / "q.db")),
                             services=(Service(name="payment", upstream=fakes.url("payment"), routes=(route,)),))
         clock = FakeClock()
-        storage = Storage(settings.storage.path)
+        storage = Storage(settings.storage.path) if engine_url is None else PostgresStorage(engine_url)
         await storage.open()
         client = AiohttpClient()
         book = QueueBook(storage, clock, client=client if with_client else None, poll_s=0.02)

@@ -143,8 +143,8 @@ async def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(start_pr
     path = write_config(CONFIG.replace("failure_threshold: 2", "failure_threshold: -1") + "bogus: 1\n")
     status, _, body = await admin(proxy, "/admin/reload", token)
     assert (status, body["error"]) == (400, "invalid_config")
-    assert body["errors"] == [f"{path}:9: bogus: unknown key",
-                              f"{path}:3: defaults.failure_threshold: must be ≥ 0, got -1"]
+    assert body["errors"] == [f"{path}:3: defaults.failure_threshold: must be ≥ 0, got -1",  # by line
+                              f"{path}:9: bogus: unknown key"]
     async with proxy.session.get(proxy.url("/status.json")) as response:
         names = [b["name"] for b in (await response.json())["breakers"]]
     assert names == ["payment.charges", "payment.default", "shipping.default"]  # nothing applied

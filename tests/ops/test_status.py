@@ -94,7 +94,9 @@ async def test_history_counts_each_outcome_once_across_ticks(start_proxy, fakes)
     assert [await charge(proxy) for _ in range(3)] == [500, 500, 503]
     proxy.app.control.board.sample()  # the ticker samples too, whenever it runs: rows add up the same
     history = (await status(proxy))["breakers"][0]["history"]
-    assert [sum(column) for column in zip(*history)] == [1, 2, 1]  # success, failure, rejected
+    # [start, success, failure, rejected, fallbacks, p50_ms, p95_ms] per 10-s bucket
+    assert [sum(column) for column in list(zip(*history))[1:5]] == [1, 2, 1, 0]
+    assert all(bucket[0] % 10 == 0 for bucket in history)
 
 
 async def test_status_page_is_one_self_contained_document(start_proxy):

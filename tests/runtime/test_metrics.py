@@ -80,6 +80,8 @@ async def test_every_contract_metric_with_its_labels(start_proxy, fakes):
     assert value("circuit_breaker_call_duration_seconds_count", breaker=breaker) == 3
     assert value("circuit_breaker_call_duration_seconds_bucket", breaker=breaker, le="+Inf") == 3
     assert value("circuit_breaker_failure_rate", breaker=breaker) == 2 / 3
+    assert value("circuit_breaker_slow_call_rate", breaker=breaker) == 1 / 3  # of the 3 calls in the window
+    assert 29 < value("circuit_breaker_seconds_to_half_open", breaker=breaker) <= 30  # open_timeout_ms 30000
     assert value("circuit_breaker_fallbacks_total", breaker="shipping.quotes", fallback="table") == 1
     assert {code: value("proxy_requests_total", breaker=breaker, code=code) for code in ("201", "500", "503")} == {
         "201": 1, "500": 2, "503": 1}
@@ -87,9 +89,53 @@ async def test_every_contract_metric_with_its_labels(start_proxy, fakes):
     # A route with no traffic is there from start, in closed.
     assert value("circuit_breaker_state", breaker="payment.default", state="closed") == 1
     assert value("circuit_breaker_failure_rate", breaker="payment.default") == 0
+    assert value("circuit_breaker_slow_call_rate", breaker="payment.default") == 0
+    assert value("circuit_breaker_seconds_to_half_open", breaker="payment.default") == 0  # not open
     # The process collector.
     assert value("process_resident_memory_bytes") > 0
     assert value("process_cpu_seconds_total") >= 0
+
+
+async def test_no_created_series(start_proxy, fakes):
+    proxy = await start_proxy(CONFIG)
+    await traffic(proxy, fakes)
+    text = await scrape(proxy)
+    assert "circuit_breaker_transitions_total{" in text  # a counter with children is there ...
+    assert "_created" not in text  # ... without its creation-time twin
+
+
+QUEUES = """
+storage: {path: $db}
+defaults: {failure_threshold: 2, open_timeout_ms: 30000}
+services:
+  payment:
+    upstream: $payment
+    routes:
+      charges:
+        match: {methods: [POST], path: /charges}
+        fallback: {type: queue, amount_field: amount, floor_limit: 100, exposure_cap: 500}
+  notification:
+    upstream: $notification
+    routes:
+      notifications:
+        match: {methods: [POST], path: /notifications}
+        fallback: {type: queue}
+"""
+
+
+async def test_queue_exposure_and_its_cap_are_read_at_scrape_time(start_proxy, fakes):
+    proxy = await start_proxy(QUEUES)
+    await fakes.set_mode("payment", "down")
+    for amount in (10, 25.5, 40):  # refused twice (queued), then open (queued without a call)
+        async with proxy.session.post(proxy.url("/payment/charges"), json={**CHARGE, "amount": amount}) as response:
+            assert (response.status, response.headers["X-Fallback"]) == (202, "queue")
+    values = samples(await scrape(proxy))
+    assert values[("fallback_queue_exposure", (("queue", "payment.charges"),))] == 75.5
+    assert values[("fallback_queue_exposure_cap", (("queue", "payment.charges"),))] == 500
+    assert values[("fallback_queue_depth", (("queue", "payment.charges"),))] == 3
+    # A queue without an amount_field has no exposure to report.
+    assert [key for key in values if key[0].startswith("fallback_queue_exposure")
+            and key[1] == (("queue", "notification.notifications"),)] == []
 
 
 async def test_queue_families_are_declared(start_proxy):

@@ -1,4 +1,4 @@
-"""proxy/storage.py on a real SQLite file: migrations, batched records, group commit."""
+"""proxy/storage/sqlite.py (and base.py's writer) on a real SQLite file: migrations, batched records, group commit."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest
 
+from proxy.storage import schema
 from proxy.storage.sqlite import Storage, StorageError, register_schema, registered_schemas
 
 NOTES = ["CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE)"]
@@ -75,7 +76,10 @@ async def test_a_newer_database_is_refused(open_storage, tmp_path):
         await older.open()
 
 
-def test_register_schema_refuses_a_second_different_definition():
+def test_register_schema_refuses_a_second_different_definition(monkeypatch):
+    # Registered for this test only: every storage opened later would create its table.
+    monkeypatch.setattr(schema, "_SCHEMAS", dict(schema._SCHEMAS))
+    monkeypatch.setattr(schema, "_DIALECTS", dict(schema._DIALECTS))
     register_schema("test_twice", ["CREATE TABLE t (x)"])
     register_schema("test_twice", ["CREATE TABLE t (x)"])  # the same again: a no-op
     with pytest.raises(ValueError, match="registered twice"):
@@ -83,6 +87,11 @@ def test_register_schema_refuses_a_second_different_definition():
     with pytest.raises(ValueError, match="component names"):
         register_schema("Bad-Name", [])
     assert {"fallback_logs", "queue"} <= set(registered_schemas())
+    register_schema("test_pg_only", ["CREATE TABLE p (x TEXT)"], dialect="postgresql")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_schema("test_pg_only", ["CREATE TABLE p (x TEXT)"])
+    assert "test_pg_only" not in registered_schemas("sqlite")
+    assert {"test_pg_only", "queue"} <= set(registered_schemas("postgresql"))
 
 
 async def test_records_are_written_in_batches_in_the_background(open_storage):

@@ -1,0 +1,34 @@
+"""The status page's words: failure reasons in plain words, fallbacks in shop terms."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.ops.wording import failure_words, shop_term
+
+
+@pytest.mark.parametrize(("kind", "detail", "words"), [
+    ("http", 500, "HTTP 500 from the upstream"),
+    ("http", 503, "HTTP 503 from the upstream"),
+    ("timeout", None, "timeout: no answer within 250 ms"),
+    ("unreachable", "[Errno 111] Connect call failed ('127.0.0.1', 9101)", "connection refused"),
+    ("unreachable", "ConnectionResetError", "connection reset by the upstream"),
+    ("unreachable", "connection closed by the upstream", "connection closed by the upstream"),
+    ("unreachable", "[Errno -2] Name or service not known", "upstream host name not found (DNS)"),
+    ("unreachable", "TLS: certificate verify failed: unable to get local issuer certificate",
+     "TLS: certificate verify failed: unable to get local issuer certificate"),
+    ("unreachable", "", "upstream unreachable"),
+    ("unreachable", "OSError", "upstream unreachable (OSError)"),
+    ("broken", None, "answer cut off mid-body"),
+    ("slow", 2.3456, "slow: 2346 ms (slow from 2000 ms)"),
+])
+def test_failures_in_plain_words(kind, detail, words):
+    assert failure_words(kind, detail, timeout_ms=250, slow_ms=2000.0) == words
+
+
+def test_shop_terms_name_the_shop_fallbacks_and_fall_back_to_the_type():
+    assert [shop_term(s, t) for s, t in (("inventory", "cache"), ("payment", "queue"), ("notification", "queue"),
+                                         ("shipping", "table"), ("billing", "queue"), ("catalog", "static"),
+                                         ("payment", None))] == [
+        "estimated stock", "offline payments", "local queue", "fixed costs", "stored and sent later",
+        "canned answer", None]
