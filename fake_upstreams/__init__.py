@@ -1,4 +1,4 @@
-"""Fake shop upstreams for circuit-proxy (CONTRACT §7): payment, inventory, notification
+"""Fake shop upstreams for circuit-proxy (§7): payment, inventory, notification
 and shipping on their own ports, with failure modes flipped through a control API.
 
 For tests and `circuit-proxy demo`:

@@ -1,4 +1,4 @@
-"""`python -m fake_upstreams [--host H] [--base-port 9100]` (CONTRACT §1, §7).
+"""`python -m fake_upstreams [--host H] [--base-port 9100]` (§1, §7).
 
 Starts the control server on the base port and payment, inventory, notification,
 shipping on the next four, prints their addresses, and runs until SIGINT or SIGTERM;

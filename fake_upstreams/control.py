@@ -1,6 +1,6 @@
 """`FakeUpstreams`: the four fake services plus the control API, started and stopped together.
 
-The control server (CONTRACT §7) listens on the base port and the services on the next
+The control server (§7) listens on the base port and the services on the next
 four (or every one on an ephemeral port when the base port is 0). Tests and
 `circuit-proxy demo` drive the same object directly: `set_mode`, `reset`, `requests`,
 `service(name).records`. The control API only translates HTTP to those calls; it never
@@ -158,7 +158,7 @@ class FakeUpstreams:
             raise UnknownServiceError(name) from None
 
 
-# -- control API (CONTRACT §7) ---------------------------------------------------
+# -- control API (§7) ---------------------------------------------------
 
 CONTROL_ROUTES = web.RouteTableDef()
 FAKES_KEY = web.AppKey("fakes", FakeUpstreams)

@@ -1,4 +1,4 @@
-"""Failure modes of a fake upstream (CONTRACT §7): parsing, validation and decisions.
+"""Failure modes of a fake upstream (§7): parsing, validation and decisions.
 
 Pure: no asyncio, aiohttp or clock reads. A `ModeState` is handed the monotonic time
 and answers, per request, what the server must do with it (`Decision`); the server
@@ -44,7 +44,7 @@ PASS: Final = Decision(Action.PASS)
 HANG: Final = Decision(Action.HANG)
 DROP: Final = Decision(Action.DROP)
 
-# The options each mode takes, with their defaults (CONTRACT §7).
+# The options each mode takes, with their defaults (§7).
 MODE_OPTIONS: Final[dict[Mode, dict[str, float]]] = {
     Mode.HEALTHY: {},
     Mode.ERROR: {"status": 500, "rate": 1.0},

@@ -6,7 +6,7 @@ to `/` (with a line saying what happened), so the page works without JavaScript.
 only refreshes the counts and modes every two seconds, with `textContent`, never `innerHTML`.
 Every value shown is escaped; nothing from a request or the API becomes markup. One
 self-contained document (no CDN, no external file). The page says in one line what each mode
-does and links to the proxy's status page (`status_url`). The JSON control API (CONTRACT §7)
+does and links to the proxy's status page (`status_url`). The JSON control API (§7)
 is untouched by all this: the forms have paths of their own.
 """
 

@@ -8,7 +8,7 @@ Handlers are cancelled when their connection goes (`handler_cancellation=True`):
 hung request ends when the client gives up, the mode changes, or the server stops.
 A slow request is the exception, as with a real slow upstream: its work runs in a
 shielded task and completes after `latency_ms` even if the client has gone, so a client
-timeout does not mean nothing happened (CONTRACT §4, Idempotency-Key). `down` and stop
+timeout does not mean nothing happened (§4, Idempotency-Key). `down` and stop
 cancel that work: the server "died" with it.
 """
 

@@ -1,4 +1,4 @@
-"""The four shop services of CONTRACT §7: their HTTP APIs and in-memory records.
+"""The four shop services of §7: their HTTP APIs and in-memory records.
 
 Only what a healthy upstream does lives here; failure modes and listeners are in
 `server.py`. Handlers never await between looking up an Idempotency-Key and storing

@@ -1,4 +1,4 @@
-"""The circuit breaker: the pure state machine of CONTRACT §3.
+"""The circuit breaker: the pure state machine of §3.
 
 It answers "may this call go?" with a Permit and is told the outcome. It never awaits, does
 no I/O, starts no timer and reads the time only through the injected Clock: one monotonic

@@ -1,4 +1,4 @@
-"""Per-route cap on calls in flight (`max_concurrent`, CONTRACT §3).
+"""Per-route cap on calls in flight (`max_concurrent`, §3).
 
 `try_enter` never waits: a call over the cap is turned away at once (fallback or 503) and is
 not an upstream failure. Pure: no asyncio, aiohttp, SQLite, Prometheus, clock or I/O. Not

@@ -1,7 +1,7 @@
 """proxy/breaker.py under random sequences of calls, clock moves and admin actions.
 
 A hypothesis rule-based machine drives a Breaker on a FakeClock and checks, after every
-step, the invariants of CONTRACT §3: trials in flight ≤ half_open_max_calls, no permit while
+step, the invariants of §3: trials in flight ≤ half_open_max_calls, no permit while
 open before retry_at, never one in forced_open, always one in closed / forced_closed /
 disabled, and cumulative counts equal to what the machine did.
 """

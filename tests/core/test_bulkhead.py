@@ -1,4 +1,4 @@
-"""proxy/bulkhead.py: the per-route in-flight cap never waits (CONTRACT §3)."""
+"""proxy/bulkhead.py: the per-route in-flight cap never waits (§3)."""
 
 from __future__ import annotations
 
