@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import random
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -27,12 +28,12 @@ from proxy.http.server import Server, make_env
 from proxy.http.tls import client_contexts
 from proxy.ops.control import ControlPlane
 from proxy.ops.status import Scenarios
-from proxy.runtime.cluster import Cluster, database_url
+from proxy.runtime.cluster import Cluster
 from proxy.runtime.metrics import Metrics
 from proxy.runtime.persistence import Persistence
 from proxy.runtime.probes import Prober
 from proxy.runtime.registry import Registry, ReloadResult, RouteRuntime
-from proxy.storage import storage_for
+from proxy.storage import database_url, storage_for
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ class App:
         self.metrics = Metrics()
         # SQLite, or the fleet's PostgreSQL (§8); the URL may come from the environment.
         self.storage = storage_for(settings.storage, os.environ)
-        self.queues = QueueBook(self.storage, self.clock, self.metrics, node_id=settings.cluster.node_id)
+        # This proxy's name in the fleet: its queue leases and its rows of the shared breakers.
+        self.node_id = settings.cluster.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.queues = QueueBook(self.storage, self.clock, self.metrics, node_id=self.node_id)
         self.cache_store = CacheStore(self.storage, self.clock)
         deps = FallbackDeps(clock=self.clock, fallback_dir=settings.fallback_dir, storage=self.storage,
                             metrics=self.metrics, queues=self.queues, cache_store=self.cache_store)
@@ -58,7 +61,8 @@ class App:
         self.fallback_log = FallbackLog(self.storage, self.clock)
         self.persistence = Persistence(self.registry, self.storage, self.metrics)
         # §8: breakers shared with the fleet through PostgreSQL, on a connection of its own.
-        self.cluster = (Cluster(settings, self.registry, self.clock, self.metrics, url=database_url(settings))
+        self.cluster = (Cluster(settings, self.registry, self.clock, self.metrics, node_id=self.node_id,
+                                url=database_url(settings.storage, os.environ))
                         if settings.cluster.share_breakers else None)
         # Routes with `probe` recover without customer traffic: the proxy sends the trials.
         self.prober = Prober(self.registry, self.clock)

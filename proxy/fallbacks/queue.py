@@ -29,8 +29,6 @@ import asyncio
 import json
 import logging
 import math
-import os
-import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,10 +213,10 @@ class QueueBook:
 
     def __init__(self, storage: Storage, clock: Clock, metrics: Metrics | None = None, *,
                  client: UpstreamClient | None = None, poll_s: float = 0.5,
-                 node_id: str | None = None) -> None:
+                 node_id: str = "local") -> None:
         self.storage = storage
         self.shared = storage.shared  # a fleet: other replicas accept and deliver too
-        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.node_id = node_id  # the lease owner's name in a fleet (App: host name + process id)
         self.clock = clock
         self.metrics = metrics
         self.client = client

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,21 +63,6 @@ _MANUAL = frozenset(_STANDING.values())
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 
 
-def database_url(settings: Settings, environ: Mapping[str, str] | None = None) -> str | None:
-    """`storage.url`, else the variable named by `storage.url_env` (None when unset)."""
-    storage = settings.storage
-    if storage.url:
-        return storage.url
-    if storage.url_env:
-        environ = os.environ if environ is None else environ
-        return environ.get(storage.url_env) or None
-    return None
-
-
-def default_node_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 @dataclass(frozen=True, slots=True)
 class Row:
     """One node's breaker, as read back from `cluster_breakers`."""
@@ -99,8 +82,8 @@ class Cluster:
     the storage closes."""
 
     def __init__(self, settings: Settings, registry: Registry, clock: Clock, metrics: Metrics, *,
-                 url: str | None) -> None:
-        self.node_id = settings.cluster.node_id or default_node_id()
+                 node_id: str, url: str | None) -> None:
+        self.node_id = node_id
         self._url = url
         self._registry = registry
         self._clock = clock

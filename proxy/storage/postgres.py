@@ -26,7 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from proxy.storage.base import COMPONENT, BatchedStorage, Params, Statement, StorageError
+from proxy.storage.base import BatchedStorage, Params, Statement, StorageError
+from proxy.storage.schema import pending_migrations
 
 log = logging.getLogger(__name__)
 
@@ -193,27 +194,20 @@ class PostgresStorage(BatchedStorage):
                                " (component TEXT PRIMARY KEY, version BIGINT NOT NULL)")
             versions = {row[0]: row[1] for row in
                         await conn.fetch("SELECT component, version FROM schema_versions")}
-            for component, migrations in sorted(self.schemas().items()):
-                if not COMPONENT.fullmatch(component):
-                    raise StorageError(f"component names use a-z, 0-9 and _, got {component!r}")
-                current = versions.get(component, 0)
-                if current > len(migrations):
-                    raise StorageError(f"{self.label}: schema of {component} is version {current}, "
-                                       f"newer than this program's {len(migrations)}")
-                for number, script in enumerate(migrations[current:], start=current + 1):
-                    try:
-                        async with conn.transaction():
-                            await conn.execute(migration_sql(script))
-                            await conn.execute(
-                                "INSERT INTO schema_versions (component, version) VALUES ($1, $2)"
-                                " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-                                component, number)
-                    except asyncpg.PostgresError as exc:
-                        if conn.is_closed():
-                            raise  # the database went away: try again later, not a broken schema
-                        raise StorageError(f"{self.label}: migration {number} of {component} failed: "
-                                           f"{exc}") from exc
-                    log.info("storage: %s schema at version %d", component, number)
+            for component, number, script in pending_migrations(self.schemas(), versions, self.label):
+                try:
+                    async with conn.transaction():
+                        await conn.execute(migration_sql(script))
+                        await conn.execute(
+                            "INSERT INTO schema_versions (component, version) VALUES ($1, $2)"
+                            " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                            component, number)
+                except asyncpg.PostgresError as exc:
+                    if conn.is_closed():
+                        raise  # the database went away: try again later, not a broken schema
+                    raise StorageError(f"{self.label}: migration {number} of {component} failed: "
+                                       f"{exc}") from exc
+                log.info("storage: %s schema at version %d", component, number)
         finally:
             if not conn.is_closed():
                 await conn.execute(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")

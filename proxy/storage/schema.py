@@ -9,7 +9,7 @@ each component got.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 _SCHEMAS: dict[str, tuple[str, ...]] = {}
 _DIALECTS: dict[str, str] = {}  # component → the only dialect it exists on
@@ -40,3 +40,19 @@ def registered_schemas(dialect: str | None = None) -> dict[str, tuple[str, ...]]
     """Every registered schema; with `dialect`, those that exist on it."""
     return {component: migrations for component, migrations in _SCHEMAS.items()
             if dialect is None or _DIALECTS.get(component, dialect) == dialect}
+
+
+def pending_migrations(schemas: Mapping[str, Sequence[str]], versions: Mapping[str, int],
+                       where: str) -> Iterator[tuple[str, int, str]]:
+    """(component, version, script) of every migration not applied yet, in order; an unknown
+    component name or a schema newer than this program's is a StorageError (`where` names
+    the database in the message)."""
+    for component, migrations in sorted(schemas.items()):
+        if not COMPONENT.fullmatch(component):
+            raise StorageError(f"component names use a-z, 0-9 and _, got {component!r}")
+        current = versions.get(component, 0)
+        if current > len(migrations):
+            raise StorageError(f"{where}: schema of {component} is version {current}, "
+                               f"newer than this program's {len(migrations)}")
+        for number, script in enumerate(migrations[current:], start=current + 1):
+            yield component, number, script

@@ -18,7 +18,6 @@ from typing import Any
 import aiosqlite
 
 from proxy.storage.base import (
-    COMPONENT,
     BatchedStorage,
     Params,
     Statement,
@@ -26,6 +25,7 @@ from proxy.storage.base import (
     register_schema,
     registered_schemas,
 )
+from proxy.storage.schema import pending_migrations
 
 __all__ = ["Params", "Statement", "Storage", "StorageError", "register_schema", "registered_schemas"]
 
@@ -87,24 +87,17 @@ class Storage(BatchedStorage):
             "CREATE TABLE IF NOT EXISTS schema_versions"
             " (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
         versions = dict(await conn.execute_fetchall("SELECT component, version FROM schema_versions"))
-        for component, migrations in sorted(self.schemas().items()):
-            if not COMPONENT.fullmatch(component):
-                raise StorageError(f"component names use a-z, 0-9 and _, got {component!r}")
-            current = versions.get(component, 0)
-            if current > len(migrations):
-                raise StorageError(f"{self.path}: schema of {component} is version {current}, "
-                                   f"newer than this program's {len(migrations)}")
-            for number, script in enumerate(migrations[current:], start=current + 1):
-                try:
-                    await conn.executescript(
-                        f"BEGIN IMMEDIATE;\n{script};\n"
-                        f"INSERT INTO schema_versions (component, version) VALUES ('{component}', {number})"
-                        " ON CONFLICT(component) DO UPDATE SET version = excluded.version;\nCOMMIT;")
-                except sqlite3.Error as exc:
-                    if conn.in_transaction:
-                        await conn.execute_fetchall("ROLLBACK")
-                    raise StorageError(f"{self.path}: migration {number} of {component} failed: {exc}") from exc
-                log.info("storage: %s schema at version %d", component, number)
+        for component, number, script in pending_migrations(self.schemas(), versions, str(self.path)):
+            try:
+                await conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{script};\n"
+                    f"INSERT INTO schema_versions (component, version) VALUES ('{component}', {number})"
+                    " ON CONFLICT(component) DO UPDATE SET version = excluded.version;\nCOMMIT;")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    await conn.execute_fetchall("ROLLBACK")
+                raise StorageError(f"{self.path}: migration {number} of {component} failed: {exc}") from exc
+            log.info("storage: %s schema at version %d", component, number)
 
     # -- limits (for operators and tests) -----------------------------------------------------
 
