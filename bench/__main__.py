@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + ("-quick" if args.quick else "")
     (RESULTS / f"{stamp}.json").write_text(json.dumps(results, indent=1))
     (RESULTS / f"{stamp}.md").write_text(text)
-    log(f"wrote bench/results/{stamp}.json and .md")
+    charted = report.write_chart(results, RESULTS / f"{stamp}.png")
+    log(f"wrote bench/results/{stamp}.json, .md{' and .png' if charted else ''}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def _n(value: float | None, digits: int = 2) -> str:
     if value is None:
@@ -199,3 +201,40 @@ def verdicts(results: dict) -> list[str]:
         lines.append(f"1 MB bodies at 50 conns: peak RSS growth {large['rss_growth_mb']:.1f} MB "
                      f"(target < 10 MB: {'met' if large['rss_growth_mb'] < 10 else 'NOT met'})")
     return lines
+
+
+def write_chart(results: dict, path: Path) -> bool:
+    """The healthy table as a PNG: CPU µs per request and req/s against connections, one line
+    per target and body size. False (nothing written) without matplotlib."""
+    try:
+        import matplotlib  # noqa: PLC0415  (optional: installed with the test extras)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return False
+    rows = results.get("healthy") or []
+    if not rows:
+        return False
+    fig, (cpu, rate) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        series.setdefault((row["target"], row["body"]), []).append(row)
+    for (target, body), points in sorted(series.items()):
+        points.sort(key=lambda r: r["connections"])
+        xs = [r["connections"] for r in points]
+        style = "-" if body == "100B" else "--"
+        cpu_us = [r["cpu_s_per_1k"] * 1000 if r.get("cpu_s_per_1k") else None for r in points]
+        if any(v is not None for v in cpu_us):
+            cpu.plot(xs, cpu_us, style, marker="o", label=f"{target}, {body}")
+        rate.plot(xs, [r["rps"] for r in points], style, marker="o", label=f"{target}, {body}")
+    for axis, title in ((cpu, "CPU µs per request (the process measured)"), (rate, "requests per second")):
+        axis.set_xscale("log")
+        axis.set_xlabel("keep-alive connections")
+        axis.set_title(title, fontsize=10)
+        axis.grid(True, alpha=0.3)
+    cpu.set_yscale("log")
+    rate.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
