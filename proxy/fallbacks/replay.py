@@ -38,7 +38,7 @@ import logging
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from proxy.background import stop_task
+from proxy.background import stop_task, wait_event
 from proxy.core.breaker import Permit, State
 from proxy.core.outcome import is_failure
 from proxy.fallbacks.queue import DEFAULT_STORE_TIMEOUT_S, ItemState, QueueBook, QueueState
@@ -116,13 +116,7 @@ class ReplayWorker:
         """Until woken (acceptance, transition) or `timeout` seconds have passed."""
         await self._flush()
         wake = self.state.wake
-        if timeout is None:
-            await wake.wait()
-        else:
-            try:
-                await asyncio.wait_for(wake.wait(), timeout)
-            except TimeoutError:
-                pass
+        await wait_event(wake, timeout)
         wake.clear()
 
     async def _claim(self, runtime: RouteRuntime | None = None) -> bool | None:

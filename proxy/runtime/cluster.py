@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy.background import stop_task
+from proxy.background import stop_task, wait_event
 from proxy.config.model import Settings
 from proxy.core.breaker import Breaker, State, Transition
 from proxy.core.clock import Clock
@@ -119,7 +119,7 @@ class Cluster:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cluster")
         try:  # in step with the fleet before the first request, unless the database is away
             await asyncio.wait_for(self._tried.wait(), CONNECT_TIMEOUT_S + 1)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def stop(self) -> None:
@@ -198,10 +198,7 @@ class Cluster:
                 while True:
                     await self._tick()
                     self._tried.set()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), RESYNC_S)
-                    except asyncio.TimeoutError:
-                        pass
+                    await wait_event(self._wake, RESYNC_S)
                     self._wake.clear()
                     if self._conn is None or self._conn.is_closed():
                         raise ConnectionError("connection to the database closed")

@@ -29,7 +29,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from proxy.background import stop_task
+from proxy.background import stop_task, wait_event
 from proxy.config.model import ProbeSpec, Settings
 from proxy.core.breaker import State, Transition
 from proxy.core.clock import Clock
@@ -185,7 +185,4 @@ class Prober:
 
 async def _wait(wake: asyncio.Event, timeout: float) -> None:
     """Until `wake` is set or `timeout` seconds have passed."""
-    try:
-        await asyncio.wait_for(wake.wait(), timeout)
-    except TimeoutError:
-        pass
+    await wait_event(wake, timeout)

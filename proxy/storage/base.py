@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from proxy.background import wait_event
 from proxy.storage.schema import COMPONENT, StorageError, register_schema, registered_schemas
 
 __all__ = ["COMPONENT", "BatchedStorage", "Params", "Statement", "StorageError", "register_schema",
@@ -232,10 +233,7 @@ class BatchedStorage(ABC):
             if not self._jobs and len(self._records) < self._batch_max and not self._closing:
                 # Only records: let them gather for a while, unless a promise or a full batch comes.
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self._flush_interval_s)
-                except TimeoutError:
-                    pass
+                await wait_event(self._wake, self._flush_interval_s)
             jobs, self._jobs = self._jobs, []
             records = [self._records.popleft() for _ in range(min(len(self._records), self._batch_max))]
             try:
