@@ -1,5 +1,5 @@
 """/admin/… (§6): manual breaker control, config reload, dead letters (retry, drop) and demo
-scenarios, behind a bearer token.
+scenarios, behind a bearer token (which also guards the queued requests' list, /status/queues/…/items).
 
 The token comes from the environment variable named by `admin.token_env`
 (CIRCUIT_PROXY_ADMIN_TOKEN by default); when that is unset the proxy makes a random one and
@@ -85,8 +85,8 @@ class Admin:
 
     async def handle(self, request: Request, route_path: str) -> Answer:
         """Any request under /admin/; `route_path` is its path as routes match it (paths.py)."""
-        if not self._authorized(request):
-            return self._unauthorized(request)
+        if not self.authorized(request):
+            return self.unauthorized(request)
         if route_path == "/admin/reload" and request.method == "POST":
             return await self.reload(request)
         parts = route_path.split("/")  # "", "admin", "breakers", <breaker>, <action>
@@ -101,13 +101,14 @@ class Admin:
             return await self.start_scenario(request, unquote(parts[3]))
         return self.other(request)
 
-    def _authorized(self, request: Request) -> bool:
+    def authorized(self, request: Request) -> bool:
+        """Whether the request carries the admin token (also asked for the queued requests' list)."""
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer":
             return False
         return hmac.compare_digest(credentials.strip().encode(), self._token)
 
-    def _unauthorized(self, request: Request) -> Answer:
+    def unauthorized(self, request: Request) -> Answer:
         log.info("admin request refused: missing or wrong token",
                  extra={"path": unquote(request.path), "client": request.client_ip})
         return _json(401, {"error": "unauthorized", "detail": "Authorization: Bearer <admin token> required"},

@@ -144,16 +144,24 @@ class ControlPlane:
             if path == "/status/events":
                 return self.hub.answer(head=request.method == "HEAD")
             if path.startswith("/status/queues/") and path.count("/") == 3:
-                return await self.queue_listing(unquote(path.rsplit("/", 1)[1]))
+                return await self.queue_listing(unquote(path.rsplit("/", 1)[1]), with_items=False)
+            if path.startswith("/status/queues/") and path.count("/") == 4 and path.endswith("/items"):
+                # Amounts and Idempotency-Keys: the admin token first, as for /admin/ (401 before
+                # the queue is even looked up).
+                if not self.admin.authorized(request):
+                    return self.admin.unauthorized(request)
+                return await self.queue_listing(unquote(path.split("/")[3]), with_items=True)
         if path.startswith("/status/"):
             return json_answer(404, {"error": "not_found", "path": unquote(request.path)})
         # Everything else went on to the proxy route, which knows no such service (config
         # validation refuses the reserved names); it answered with the raw first segment.
         return unknown_service(split_service(request.path)[0])
 
-    async def queue_listing(self, name: str) -> Answer:
-        """GET /status/queues/<queue>: its requests (pending oldest first, then the newest dead
-        letters), the oldest one's age and the next replay; read from storage per request."""
+    async def queue_listing(self, name: str, *, with_items: bool) -> Answer:
+        """GET /status/queues/<queue>: the queue's figures (depth, dead letters, exposure and its
+        limits, the oldest request's age, the next replay), for anyone; `with_items`
+        (GET /status/queues/<queue>/items, admin token) also its requests (pending oldest first,
+        then the newest dead letters). Read from storage per request."""
         items = self.board.queue_items
         if items is None or not items.knows(name):
             return json_answer(404, {"error": "unknown_queue", "queue": name})
@@ -162,4 +170,6 @@ class ControlPlane:
         except StorageError as exc:
             return json_answer(503, {"error": "storage_unavailable", "detail": str(exc)})
         listing["label"] = shop_term(name.split(".", 1)[0], "queue")
+        if not with_items:
+            del listing["items"], listing["listed"]
         return json_answer(200, listing, {"Cache-Control": "no-store"})

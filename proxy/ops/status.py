@@ -26,7 +26,7 @@ from proxy.core.breaker import Transition
 from proxy.core.messages import Answer
 from proxy.fallbacks.queue_items import QueueItems
 from proxy.ops.history import TAIL, History
-from proxy.ops.wording import failure_words, shop_term
+from proxy.ops.wording import failure_words, reason_words, shop_term
 from proxy.runtime.metrics import Metrics
 from proxy.runtime.registry import Registry, RouteRuntime
 
@@ -78,7 +78,8 @@ class StatusBoard:
         if kept is None:
             kept = self._transitions[transition.breaker] = deque(maxlen=TRANSITIONS_KEPT)
         kept.append({"from_state": transition.from_state.value, "to_state": transition.to_state.value,
-                     "at": iso(transition.at_wall), "reason": transition.reason})
+                     "at": iso(transition.at_wall), "reason": transition.reason,
+                     "reason_text": reason_words(transition.reason)})
 
     def sample(self) -> None:
         """One tick: the charts' buckets move on, and new failures get their time."""
@@ -125,7 +126,7 @@ class StatusBoard:
 
     def queue_documents(self) -> list[dict[str, Any]]:
         """The queues' /status.json entries, as the queues report them (limits, shop terms and
-        the requests are in the listing: GET /status/queues/<queue>)."""
+        the requests in the listing: GET /status/queues/<queue>[/items])."""
         return self.queues()
 
     def entries(self, *, full_history: bool = False) -> list[dict[str, Any]]:

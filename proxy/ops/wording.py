@@ -1,4 +1,5 @@
-"""The status page's words: why calls fail, in plain words, and fallbacks in shop terms.
+"""The status page's words: why calls fail and why breakers moved, in plain words, and
+fallbacks in shop terms.
 
 A shop operator reads "connection refused" and "estimated stock", not `unreachable` and
 `cache`; the technical names stay beside them. Pure: strings in, strings out.
@@ -29,7 +30,20 @@ REASON_WORDS = {
     "open_timeout_elapsed": "open period over",
     "success_threshold": "trial calls succeeded",
     "half_open_failure": "a trial call failed",
+    "forced": "set by an operator",
+    "reset": "reset by an operator",
+    "restored": "restored at start-up",
+    # §8: the fleet's word, not this proxy's own counts.
+    "fleet_open": "opened because the fleet did",
+    "fleet_closed": "closed because the fleet did",
 }
+
+
+def reason_words(reason: str | None) -> str:
+    """A transition reason as the page says it; an unknown one with its underscores as spaces."""
+    if not reason:
+        return ""
+    return REASON_WORDS.get(reason, reason.replace("_", " "))
 
 
 def shop_term(service: str, fallback_type: str | None) -> str | None:

@@ -42,7 +42,6 @@ from tests.chaos.shop import (
     breaker_states,
     fd_count,
     fetch_records,
-    proxy_status,
     queue_depths,
     queue_problems,
     route_timeouts_s,

@@ -4,16 +4,10 @@ and an admin button with the token forces it closed. Screenshots go to test-arti
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 
-from tests.real_tools import require_tool
+from tests.browser import ARTIFACTS
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 CONFIG = """
 storage: {path: $db}
 defaults: {failure_threshold: 3, open_timeout_ms: 600000, minimum_calls: 5, window: {type: count, size: 10}}
@@ -29,19 +23,6 @@ services:
 """
 CHARGE = {"amount": 10, "currency": "EUR", "order_id": "o-1"}
 CARD = '[data-breaker="payment.charges"]'
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[object]:
-    executable = require_tool("chromium")
-    from playwright.async_api import async_playwright  # noqa: PLC0415  (only where a browser runs)
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 async def charge(proxy) -> int:

@@ -1,17 +1,16 @@
 """The /status page answers a shop operator's questions (issue 12), in a real headless Chromium:
 why calls fail, latency and outcome charts, an honest failure rate below minimum_calls, the
-offline payments' exposure against cap and floor, the queued requests with dead-letter retry and
-drop, demo scenario buttons, default routes compact, and charts that survive a restart.
+offline payments' exposure against cap and floor, the queued requests (shown once the admin
+token is given) with dead-letter retry and drop, demo scenario buttons, default routes compact,
+charts that survive a restart, and a fleet's replica saying whether it reaches its fleet (§8).
 Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 
-import pytest
 
-from tests.e2e.test_browser import ARTIFACTS, CHROMIUM_ARGS
-from tests.real_tools import require_tool
+from tests.browser import ARTIFACTS
+from tests.real_tools import free_port
 
 CONFIG = """
 storage: {path: $db}
@@ -81,19 +80,6 @@ class Scenarios:
         self._running = name
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[object]:
-    executable = require_tool("chromium")
-    from playwright.async_api import async_playwright  # noqa: PLC0415  (only where a browser runs)
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
 async def request(proxy, method: str, path: str, body=None, **headers) -> int:
     async with proxy.session.request(method, proxy.url(path), json=body, headers=headers) as response:
         await response.read()
@@ -137,6 +123,7 @@ async def test_the_page_answers_the_shop_operators_questions(start_proxy, fakes,
     assert await page.locator(f"{STOCK} .term").inner_text() == "estimated stock"
     assert await page.locator(f"{PAYMENT} .term").inner_text() == "offline payments"
     assert await page.locator(f"{SHIPPING} .term").inner_text() == "fixed costs"
+    assert await page.locator("#fleet").is_hidden()  # no cluster configured: nothing said of a fleet
     assert int(await page.locator(f"{STOCK} svg.outcomes").get_attribute("data-bars")) >= 1
     assert "latency p50" in await page.locator(f"{STOCK} .chart-head").nth(1).inner_text()
 
@@ -164,6 +151,29 @@ async def test_the_page_answers_the_shop_operators_questions(start_proxy, fakes,
         ("pending", "key-o-1", "20.00"), ("pending", "key-o-2", "30.00"), ("pending", "key-o-3", "40.00")]
     assert await page.locator(f"{OFFLINE} .replay b").inner_text() == "when the breaker turns half-open"
     assert (await page.locator(f"{OFFLINE} .stat.oldest dd").inner_text()).endswith(" s")
+
+    # A tab without the token: the figures, but no amount or key until the token is given.
+    fresh = await open_page(browser, proxy, errors)
+    await fresh.wait_for_selector(f'{OFFLINE}[data-depth="3"][data-items="locked"]', timeout=10_000)
+    assert await fresh.locator(f"{OFFLINE} .exposure .rate-label b").inner_text() == "90.00 of cap 150.00"
+    assert await fresh.locator(f"{OFFLINE} .replay b").inner_text() == "when the breaker turns half-open"
+    assert "key-o-1" not in await fresh.locator(OFFLINE).inner_text()
+    assert "3 requests stored" in await fresh.locator(f"{OFFLINE} tr.locked").inner_text()
+    await shot(fresh, "status-shop-queue-locked.png")
+    await fresh.click(f'{OFFLINE} button[data-action="show-items"]')
+    await fresh.wait_for_selector("#token-dialog[open]", timeout=5_000)
+    await fresh.fill("#token-input", "not-the-token")
+    await fresh.click("#token-save")
+    await fresh.wait_for_selector(f'{OFFLINE}[data-items="refused"]', timeout=10_000)
+    assert "that one was refused" in await fresh.locator(f"{OFFLINE} tr.locked").inner_text()
+    await fresh.click(f'{OFFLINE} button[data-action="show-items"]')
+    await fresh.locator("#token-error", has_text="That token was refused").wait_for(timeout=5_000)
+    await fresh.fill("#token-input", proxy.app.control.admin_token)
+    await fresh.click("#token-save")
+    await fresh.wait_for_selector(f'{OFFLINE}[data-items="shown"] tr[data-item-state="pending"] >> nth=2',
+                                  timeout=10_000)
+    assert "key-o-1" in await fresh.locator(OFFLINE).inner_text()
+    await fresh.close()
 
     # 3 of 3 failed is not healthy: the bar is filled and says it is not judged yet.
     await fakes.set_mode("shipping", "error", status=500)
@@ -219,4 +229,42 @@ async def test_the_charts_come_back_after_a_restart(start_proxy, fakes, browser)
     assert "(4 calls)" in await page.locator(f"{STOCK} .chart-head").first.inner_text()
     assert await page.locator(f"{STOCK} .stat.s dd").inner_text() == "0"  # the counters did start again
     await shot(page, "status-shop-restored.png")
+    assert errors == []
+
+
+FLEET_CONFIG = """
+storage: {url: "$pg", path: $dbpath}
+cluster: {share_breakers: true, quorum: 1, node_id: $node}
+defaults: {failure_threshold: 3, open_timeout_ms: 600000}
+services:
+  inventory: {upstream: $inventory}
+"""
+FLEET_STOCK = '[data-breaker="inventory.default"]'
+
+
+async def test_a_replica_shows_its_fleet_and_why_the_fleet_opened_its_breaker(
+        start_proxy, fakes, browser, config_dir, pg_url):
+    a, b = [await start_proxy(FLEET_CONFIG, name=f"{node}.yaml", pg=pg_url, node=node,
+                              dbpath=str(config_dir / "var" / f"{node}.db")) for node in ("pod-a", "pod-b")]
+    errors: list[str] = []
+    page = await open_page(browser, b, errors)
+    await page.locator("#fleet[data-connected=true]", has_text="fleet: connected, 2 replicas").wait_for(timeout=10_000)
+
+    # pod-a sees the outage; pod-b opens because the fleet did, and its card says so.
+    await fakes.set_mode("inventory", "error", status=500)
+    for _ in range(3):
+        assert await request(a, "GET", "/inventory/stock/SKU-001") == 500
+    await page.wait_for_selector(f'{FLEET_STOCK}[data-state="open"]', timeout=10_000)
+    await page.locator(f"{FLEET_STOCK} .transitions .reason", has_text="opened because the fleet did").wait_for(
+        timeout=10_000)
+    assert fakes.requests("inventory") == 3  # pod-b learned it from the fleet, not from the upstream
+    await shot(page, "status-fleet-connected.png")
+
+    # A replica whose database is unreachable goes on alone, and says so.
+    alone = await start_proxy(FLEET_CONFIG, name="pod-c.yaml", pg=f"postgresql://nobody@127.0.0.1:{free_port()}/none",
+                              node="pod-c", dbpath=str(config_dir / "var" / "pod-c.db"))
+    lonely = await open_page(browser, alone, errors)
+    await lonely.locator("#fleet[data-connected=false]",
+                         has_text="fleet: database unreachable, deciding alone").wait_for(timeout=10_000)
+    await shot(lonely, "status-fleet-alone.png")
     assert errors == []

@@ -12,7 +12,6 @@ import logging
 import ssl
 import textwrap
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trustme

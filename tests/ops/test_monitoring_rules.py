@@ -1,5 +1,5 @@
 """The shipped monitoring (§6): alert rules pass promtool and its unit tests; the dashboard and the
-rules only use metrics the proxy really exports."""
+rules only use metrics the proxy really exports (a fleet's proxy, §8, for the fleet's gauge)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ storage: {path: $db}
 services:
   payment: {upstream: $payment}
 """
+# A replica of a fleet (§8) exports what a lone proxy does, and whether it reaches its fleet.
+FLEET_CONFIG = """
+storage: {url: "$pg"}
+cluster: {share_breakers: true, quorum: 1, node_id: pod-a}
+services:
+  payment: {upstream: $payment}
+"""
 
 
 async def run(*args: str, cwd: Path = MONITORING) -> tuple[int, str]:
@@ -33,7 +40,7 @@ async def run(*args: str, cwd: Path = MONITORING) -> tuple[int, str]:
 async def test_alert_rules_pass_promtool_check():
     promtool = require_tool("promtool")
     code, output = await run(promtool, "check", "rules", "alerts.yml")
-    assert (code, "SUCCESS: 7 rules found" in output) == (0, True), output
+    assert (code, "SUCCESS: 8 rules found" in output) == (0, True), output
 
 
 async def test_alert_rules_pass_their_unit_tests():
@@ -68,12 +75,20 @@ def rule_expressions() -> list[str]:
     return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
 
 
-async def test_dashboard_and_rules_use_only_exported_metrics(start_proxy):
-    proxy = await start_proxy(CONFIG)
+async def exported_families(proxy) -> tuple[set[str], str]:
     async with proxy.session.get(proxy.url("/metrics")) as response:
-        exported = set(re.findall(r"^# TYPE (\S+) ", await response.text(), re.M))
-    exported |= {name[: -len("_total")] for name in exported}  # counters: family and sample names
+        text = await response.text()
+    exported = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    counters = {name.removesuffix("_total") for name in exported if name.endswith("_total")}
+    return exported | counters, text  # counters: family and sample names
+
+
+async def test_dashboard_and_rules_use_only_exported_metrics(start_proxy, pg_url):
+    lone, _ = await exported_families(await start_proxy(CONFIG))
+    fleet, text = await exported_families(await start_proxy(FLEET_CONFIG, name="fleet.yaml", pg=pg_url))
+    assert "circuit_proxy_cluster_connected 1.0" in text.splitlines()  # reaches its fleet's database
+    assert fleet - lone == {"circuit_proxy_cluster_connected"}
     used = families(dashboard_expressions()) | families(rule_expressions())
-    assert used - exported == set()
+    assert used - fleet == set()
     assert {"circuit_breaker_state", "circuit_breaker_fallbacks_total", "fallback_queue_depth",
-            "fallback_queue_replayed_total"} <= used
+            "fallback_queue_replayed_total", "circuit_proxy_cluster_connected"} <= used

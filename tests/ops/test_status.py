@@ -70,8 +70,8 @@ async def test_an_open_breaker_shows_when_it_opened_and_when_it_half_opens(start
         "failure_rate": 1.0, "calls": {"success": 0, "failure": 2, "rejected": 1},
         "opened_at": "2023-11-14T22:13:20.000Z", "retry_at": "2023-11-14T22:13:50.000Z"}
     assert (entry["retry_after"], entry["fallback"], entry["thresholds"]["failure_threshold"]) == (30.0, None, 2)
-    assert [(t["from_state"], t["to_state"], t["at"], t["reason"]) for t in entry["transitions"]] == [
-        ("closed", "open", "2023-11-14T22:13:20.000Z", "consecutive_failures")]
+    assert [(t["from_state"], t["to_state"], t["at"], t["reason"], t["reason_text"]) for t in entry["transitions"]] == [
+        ("closed", "open", "2023-11-14T22:13:20.000Z", "consecutive_failures", "failures in a row")]
     clock.advance(30)
     entry = (await status(proxy))["breakers"][0]
     assert (entry["state"], entry["retry_at"], entry["opened_at"]) == (

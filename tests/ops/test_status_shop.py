@@ -67,9 +67,19 @@ async def start(start_proxy):
     return proxy
 
 
-async def get_json(proxy, path: str) -> tuple[int, object]:
-    async with proxy.session.get(proxy.url(path)) as response:
+async def get_json(proxy, path: str, token: str | None = None) -> tuple[int, object]:
+    if token == TOKEN:
+        token = proxy.app.control.admin_token
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    async with proxy.session.get(proxy.url(path), headers=headers) as response:
         return response.status, await response.json(content_type=None)
+
+
+async def items(proxy, name: str) -> dict:
+    """The queued requests' list, with the admin token."""
+    status, listing = await get_json(proxy, f"/status/queues/{name}/items", token=TOKEN)
+    assert status == 200, listing
+    return listing
 
 
 async def post(proxy, path: str, body=None, token: str | None = TOKEN, **headers) -> tuple[int, object]:
@@ -150,8 +160,7 @@ async def test_offline_payments_show_exposure_against_cap_and_floor_and_list_eac
         assert (status, body["status"]) == (202, "queued")
     assert await queue(proxy, "payment.charges") == {
         "name": "payment.charges", "depth": 2, "dead_letter": 0, "exposure": 100.5}  # small: every snapshot
-    status, listing = await get_json(proxy, "/status/queues/payment.charges")
-    assert status == 200
+    listing = await items(proxy, "payment.charges")
     assert {k: listing[k] for k in ("depth", "dead_letter", "exposure", "exposure_cap", "floor_limit",
                                     "amount_field", "max_depth", "label")} == {
         "depth": 2, "dead_letter": 0, "exposure": 100.5, "exposure_cap": 150.0, "floor_limit": 100.0,
@@ -168,9 +177,40 @@ async def test_offline_payments_show_exposure_against_cap_and_floor_and_list_eac
     # Back to automatic: the queue drains, and the listing says so.
     assert (await post(proxy, "/admin/breakers/payment.charges/reset"))[0] == 200
     await until(lambda: _drained(proxy, "payment.charges"), "the charges replayed")
-    _, listing = await get_json(proxy, "/status/queues/payment.charges")
+    listing = await items(proxy, "payment.charges")
     assert (listing["items"], listing["oldest_age_s"], listing["next_replay"]) == ([], None, "nothing waiting")
     assert [c["idempotency_key"] for c in fakes.server("payment").service.records] == ["key-o-1", "key-o-2"]
+
+
+async def test_the_queued_requests_need_the_admin_token_and_the_figures_do_not(start_proxy):
+    proxy = await start(start_proxy)
+    assert (await post(proxy, "/admin/breakers/payment.charges/force-open"))[0] == 200
+    status, body = await post(proxy, "/payment/charges", {"amount": 60, "currency": "EUR", "order_id": "o-1"},
+                              token=None, **{"Idempotency-Key": "key-o-1"})
+    assert status == 202
+
+    # Anyone: the queue's figures, never an amount or a key of a request.
+    status, figures = await get_json(proxy, "/status/queues/payment.charges")
+    assert status == 200
+    assert {k: figures[k] for k in ("depth", "dead_letter", "exposure", "exposure_cap", "next_replay", "label")} == {
+        "depth": 1, "dead_letter": 0, "exposure": 60.0, "exposure_cap": 150.0,
+        "next_replay": "held: the breaker is forced open", "label": "offline payments"}
+    assert 0 <= figures["oldest_age_s"] < 5
+    assert "items" not in figures and "key-o-1" not in str(figures)
+
+    # The requests: 401 without the token or with a wrong one (unknown queue or not), as /admin/.
+    for path in ("/status/queues/payment.charges/items", "/status/queues/payment.nope/items"):
+        for token in (None, "wrong"):
+            async with proxy.session.get(proxy.url(path), headers={"Authorization": f"Bearer {token}"}
+                                         if token else {}) as response:
+                assert (response.status, response.headers["WWW-Authenticate"], await response.json()) == (
+                    401, 'Bearer realm="circuit-proxy admin"',
+                    {"error": "unauthorized", "detail": "Authorization: Bearer <admin token> required"})
+    listing = await items(proxy, "payment.charges")
+    assert [(i["id"], i["idempotency_key"], i["amount"]) for i in listing["items"]] == [
+        (body["queue_id"], "key-o-1", 60.0)]
+    assert {k: v for k, v in listing.items() if k not in ("items", "listed", "oldest_age_s")} == {
+        k: v for k, v in figures.items() if k != "oldest_age_s"}
 
 
 async def _drained(proxy, name: str) -> bool:
@@ -186,7 +226,7 @@ async def _dead_letter(proxy, fakes, key: str) -> int:
     assert (await post(proxy, "/admin/breakers/notification.notifications/reset"))[0] == 200
 
     async def dead() -> bool:
-        _, listing = await get_json(proxy, "/status/queues/notification.notifications")
+        listing = await items(proxy, "notification.notifications")
         return any(i["id"] == body["queue_id"] and i["state"] == "dead_letter" for i in listing["items"])
     await until(dead, f"{key} in the dead letters")
     return body["queue_id"]
@@ -198,7 +238,7 @@ async def test_a_dead_letter_is_retried_or_dropped_by_an_operator(start_proxy, f
     second = await _dead_letter(proxy, fakes, "note-2")
     q = await queue(proxy, "notification.notifications")
     assert (q["depth"], q["dead_letter"]) == (0, 2)
-    _, listing = await get_json(proxy, "/status/queues/notification.notifications")
+    listing = await items(proxy, "notification.notifications")
     assert [(i["id"], i["state"], i["attempts"], i["last_error"][:8]) for i in listing["items"]] == [
         (second, "dead_letter", 1, "HTTP 400"), (first, "dead_letter", 1, "HTTP 400")]  # newest first
 
@@ -214,7 +254,7 @@ async def test_a_dead_letter_is_retried_or_dropped_by_an_operator(start_proxy, f
         200, {"queue": "notification.notifications", "id": second, "state": "dropped"})
     q = await queue(proxy, "notification.notifications")
     assert (q["depth"], q["dead_letter"]) == (0, 0)
-    _, listing = await get_json(proxy, "/status/queues/notification.notifications")
+    listing = await items(proxy, "notification.notifications")
     assert listing["items"] == []
     rows = await proxy.app.storage.fetchall("SELECT id, state FROM queue_items ORDER BY id")
     assert rows == [(first, "delivered")]
@@ -234,6 +274,8 @@ async def test_a_dead_letter_is_retried_or_dropped_by_an_operator(start_proxy, f
         "error": "unknown_queue", "queue": "payment.nope"})
     assert (await post(proxy, f"{path}/{first}/retry", token="wrong"))[0] == 401
     assert await get_json(proxy, "/status/queues/payment.nope") == (
+        404, {"error": "unknown_queue", "queue": "payment.nope"})
+    assert await get_json(proxy, "/status/queues/payment.nope/items", token=TOKEN) == (
         404, {"error": "unknown_queue", "queue": "payment.nope"})
 
 

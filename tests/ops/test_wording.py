@@ -1,10 +1,11 @@
-"""The status page's words: failure reasons in plain words, fallbacks in shop terms."""
+"""The status page's words: failure and transition reasons in plain words, fallbacks in shop terms."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.ops.wording import failure_words, shop_term
+from proxy.core.breaker import REASONS
+from proxy.ops.wording import REASON_WORDS, failure_words, reason_words, shop_term
 
 
 @pytest.mark.parametrize(("kind", "detail", "words"), [
@@ -32,3 +33,11 @@ def test_shop_terms_name_the_shop_fallbacks_and_fall_back_to_the_type():
                                          ("payment", None))] == [
         "estimated stock", "offline payments", "local queue", "fixed costs", "stored and sent later",
         "canned answer", None]
+
+
+def test_every_transition_reason_has_plain_words():
+    assert set(REASON_WORDS) == set(REASONS)  # a reason the breaker gains needs its words here
+    assert (reason_words("fleet_open"), reason_words("fleet_closed")) == (
+        "opened because the fleet did", "closed because the fleet did")
+    assert (reason_words("consecutive_failures"), reason_words("some_new_reason"), reason_words(None)) == (
+        "failures in a row", "some new reason", "")
