@@ -30,7 +30,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,6 +45,20 @@ COMPLAIN_EVERY_S = 10.0  # a storage trouble is logged at most this often, with 
 
 Params = Sequence[Any]
 Statement = tuple[str, Params]
+
+
+def same_sql_runs(statements: Sequence[Statement]) -> Iterator[tuple[str, list[Params]]]:
+    """Consecutive statements with the same SQL, grouped: (sql, [params, ...]) each, so an
+    engine sends a run as one `executemany`."""
+    start = 0
+    while start < len(statements):
+        sql = statements[start][0]
+        end = start + 1
+        while end < len(statements) and statements[end][0] == sql:
+            end += 1
+        yield sql, [params for _, params in statements[start:end]]
+        start = end
+
 
 @dataclass(slots=True, eq=False)
 class _Job:

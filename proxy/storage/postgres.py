@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from proxy.storage.base import BatchedStorage, Params, Statement, StorageError
+from proxy.storage.base import BatchedStorage, Params, Statement, StorageError, same_sql_runs
 from proxy.storage.schema import pending_migrations
 
 log = logging.getLogger(__name__)
@@ -253,18 +253,12 @@ class PostgresStorage(BatchedStorage):
     async def _execute(self, statements: Sequence[Statement]) -> None:
         """Inside a transaction; consecutive statements with the same SQL go in one executemany."""
         conn = self._open_connection()
-        start = 0
         try:
-            while start < len(statements):
-                sql = statements[start][0]
-                end = start + 1
-                while end < len(statements) and statements[end][0] == sql:
-                    end += 1
-                if end - start == 1:
-                    await conn.execute(placeholders(sql), *statements[start][1])
+            for sql, runs in same_sql_runs(statements):
+                if len(runs) == 1:
+                    await conn.execute(placeholders(sql), *runs[0])
                 else:
-                    await conn.executemany(placeholders(sql), [params for _, params in statements[start:end]])
-                start = end
+                    await conn.executemany(placeholders(sql), runs)
         except self.errors as exc:
             self._check(exc)
             raise

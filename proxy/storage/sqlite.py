@@ -24,6 +24,7 @@ from proxy.storage.base import (
     StorageError,
     register_schema,
     registered_schemas,
+    same_sql_runs,
 )
 from proxy.storage.schema import pending_migrations
 
@@ -156,14 +157,8 @@ class Storage(BatchedStorage):
     async def _execute(self, statements: Sequence[Statement]) -> None:
         """Inside a transaction; consecutive statements with the same SQL go in one executemany."""
         conn = self._connection()
-        start = 0
-        while start < len(statements):
-            sql = statements[start][0]
-            end = start + 1
-            while end < len(statements) and statements[end][0] == sql:
-                end += 1
-            if end - start == 1:
-                await conn.execute_fetchall(sql, statements[start][1])
+        for sql, runs in same_sql_runs(statements):
+            if len(runs) == 1:
+                await conn.execute_fetchall(sql, runs[0])
             else:
-                await conn.executemany(sql, [params for _, params in statements[start:end]])
-            start = end
+                await conn.executemany(sql, runs)
