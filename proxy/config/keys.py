@@ -196,7 +196,9 @@ WINDOW = Section("window", "window", "window:", "Count-based (the last `size` ca
 RETRY = Section("retry", "retry", "retry:", "A failed attempt (refused, reset, timeout, or a status in "
                 "`failure_statuses`) is retried when the method is idempotent (GET, HEAD, OPTIONS, PUT, DELETE) "
                 "or the request has an `Idempotency-Key`, and only before any byte reached the client. Each "
-                "attempt is a breaker call with its own permit.", (
+                "attempt is a breaker call with its own permit and its own `timeout_ms` (a timeout is "
+                "retryable), so a retried request may take up to (1 + `attempts`) × `timeout_ms` plus the "
+                "backoffs: keep `attempts` small where a client waits.", (
     Key("attempts", INT(0, 10), "Extra attempts after the first (0 = off).", "2"),
     Key("backoff_ms", INT(0), "Before retry n, wait uniform(0, backoff_ms × 2^(n-1)) ms.", "25"),
     Key("budget_percent", NUM(0, 100), "Retries over the last 10 s stay within this share of the route's "
