@@ -108,7 +108,8 @@ class App:
         # Last-known-good answers are back too, with their true age (§5 cache).
         await self.cache_store.restore()
         self.cache_store.start()
-        env = make_env(loop, self.clock, fallback_log=self.fallback_log, tls_for=self.tls_for)
+        env = make_env(loop, self.clock, fallback_log=self.fallback_log, tls_for=self.tls_for,
+                       upstream_max_connections=self.settings.server.upstream_max_connections)
         self.queues.client = UpstreamClient(env.pool, env.deadlines, tls_for=lambda url: self._tls.get(url))
         self.prober.client = self.queues.client  # the same pooled client as queue replay
         await self.queues.start()

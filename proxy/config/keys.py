@@ -99,6 +99,9 @@ SERVER = Section("server", "server", "server:", "Read at start; a reload that ch
     Key("idle_timeout_ms", INT(1), "An idle keep-alive connection is closed after this.", "75000"),
     Key("max_connections", INT(1), "Client connections open at once; one more is closed at once. Lowered at "
         "start to fit the open-file limit.", "10000"),
+    Key("upstream_max_connections", INT(0), "Connections open at once to each upstream (0 = no bound). A "
+        "call that finds them all busy waits, first come first served, for one to be given back; "
+        "the route's `timeout_ms` covers the wait (a call still waiting then is a timeout).", "256"),
     Key("access_log", BOOL, "Log each request.", "false"),
     Key("log_format", ENUM("text", "json"), "`text` (key=value) or `json` (JSON lines).", "text"),
     Key("trusted_proxies", NULLABLE({"type": "array", "items": {"type": "string", "minLength": 1}}),

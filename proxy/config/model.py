@@ -133,6 +133,9 @@ class ServerSettings:
     body_timeout_ms: int = 30_000
     idle_timeout_ms: int = 75_000
     max_connections: int = 10_000
+    # Connections open at once to each upstream URL (0: no bound); calls beyond wait, in order,
+    # within their own timeout, for one to be given back.
+    upstream_max_connections: int = 0
     access_log: bool = False
     log_format: Literal["text", "json"] = "text"
     # Networks (CIDR, normalised) whose X-Forwarded-For/-Host/-Proto are believed: a client

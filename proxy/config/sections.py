@@ -29,6 +29,7 @@ SERVER_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "body_timeout_ms": integer(1),
     "idle_timeout_ms": integer(1),
     "max_connections": integer(1),
+    "upstream_max_connections": integer(0),
     "access_log": boolean,
     "log_format": choice("text", "json"),
     "trusted_proxies": lambda value: value,  # checked entry by entry in trusted_proxies

@@ -93,7 +93,7 @@ class Exchange(Answering, Retrying):
                  "head_only", "client_chunked", "keep_alive", "out", "pending", "pending_size",
                  "request_done", "request_sent", "buffering", "buffered", "task", "retried",
                  "holds_slot", "reader", "has_body", "request", "slow_at", "marked_slow",
-                 "attempt", "retryable")
+                 "attempt", "retryable", "pool_wait", "reserved")
 
     def __init__(self, env: ExchangeEnv, client: Downstream, head: RequestHead,
                  runtime: RouteRuntime, target: bytes) -> None:
@@ -132,6 +132,8 @@ class Exchange(Answering, Retrying):
         self.marked_slow = False  # ... and it has (counted once)
         self.attempt = 0  # retries made (§3b)
         self.retryable = False
+        self.pool_wait = False  # queued for a connection of a full pool (server.upstream_max_connections)
+        self.reserved = False  # holds a pool slot for a connection being made
 
     # -- start: bulkhead, breaker, then the upstream ---------------------------------------
 
@@ -173,18 +175,55 @@ class Exchange(Answering, Retrying):
         # becomes slow while still in flight (§3a).
         runtime = self.runtime
         self.env.deadlines.add(self, runtime.timeout_s, runtime.breaker.slow_threshold_s())
-        connection = self.env.pool.acquire(self.upstream_target)
+        pool = self.env.pool
+        connection = pool.acquire(self.upstream_target)
         if connection is not None:
             self._send(connection)
+            return
+        self.state = CONNECTING
+        if pool.may_connect(self.upstream_target):
+            self._start_connect()
         else:
-            self.state = CONNECTING
-            self.task = self.env.loop.create_task(self._connect())
+            self.pool_wait = True  # the deadline already set covers the wait
+            pool.wait(self.upstream_target, self)
+
+    def on_pool_connection(self, connection: UpstreamConnection) -> None:
+        """A full pool hands over a connection given back by another call."""
+        self.pool_wait = False
+        if self.state == CONNECTING and self.task is None:
+            self._send(connection)
+        else:
+            self.env.pool.release(connection)  # not wanted any more: on to the next in line
+
+    def on_pool_slot(self) -> None:
+        """A full pool freed a slot: this call may open a connection of its own."""
+        self.pool_wait = False
+        if self.state == CONNECTING and self.task is None:
+            self._start_connect()
+        else:
+            self.env.pool.slot_freed(self.upstream_target)
+
+    def _start_connect(self) -> None:
+        """A connection of its own: its slot in the pool's bound is taken now (so calls
+        deciding in the same tick see it) and given back by `_connect_done` unless the
+        connection that came of it holds it."""
+        self.env.pool.reserve(self.upstream_target)
+        self.reserved = True
+        self.task = self.env.loop.create_task(self._connect())
+        self.task.add_done_callback(self._connect_done)
+
+    def _connect_done(self, _task: asyncio.Task) -> None:
+        if self.reserved:  # failed, timed out, or cancelled (even before it began)
+            self.reserved = False
+            self.env.pool.unreserve(self.upstream_target)
 
     async def _connect(self) -> None:
         runtime = self.runtime
         try:
             connection = await self.env.pool.connect(self.upstream_target,
-                                                     runtime.connect_timeout_s or runtime.timeout_s)
+                                                     runtime.connect_timeout_s or runtime.timeout_s,
+                                                     reserved=True)
+            self.reserved = False  # the connection holds the slot now
         except TimeoutError:
             self.task = None
             if self.state == CONNECTING:
@@ -374,7 +413,7 @@ class Exchange(Answering, Retrying):
                 # answered, and the request is safe to send again on a fresh one.
                 self.retried = True
                 self.state = CONNECTING
-                self.task = self.env.loop.create_task(self._connect())
+                self._start_connect()  # the lost connection gave its slot back
                 return
             self._call_failed(Reason.UNREACHABLE, True, error)  # reset or broken mid-exchange
         elif state == STREAMING:
@@ -469,6 +508,9 @@ class Exchange(Answering, Retrying):
         if self.task is not None:
             self.task.cancel()
             self.task = None
+        if self.pool_wait:
+            self.pool_wait = False
+            self.env.pool.unwait(self.upstream_target, self)
 
     def _drop_upstream(self) -> None:
         connection, self.upstream = self.upstream, None

@@ -162,6 +162,8 @@ class Server:
             self._server = None
 
 
-def make_env(loop: asyncio.AbstractEventLoop, clock: Any, **kwargs: Any) -> ExchangeEnv:
+def make_env(loop: asyncio.AbstractEventLoop, clock: Any, *, upstream_max_connections: int = 0,
+             **kwargs: Any) -> ExchangeEnv:
     """What every exchange shares: the upstream pool and the deadline sweeper, one each."""
-    return ExchangeEnv(loop, UpstreamPool(loop), Deadlines(loop), clock, **kwargs)
+    pool = UpstreamPool(loop, max_per_upstream=upstream_max_connections)
+    return ExchangeEnv(loop, pool, Deadlines(loop), clock, **kwargs)

@@ -17,6 +17,7 @@ import asyncio
 import socket
 import ssl
 import struct
+from collections import deque
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -57,7 +58,7 @@ def _is_ip(host: str) -> bool:
 class UpstreamTarget:
     """One upstream URL, parsed once: where to connect, how (TLS), and what to send as Host."""
 
-    __slots__ = ("url", "host", "port", "ssl", "host_header", "base_path", "idle")
+    __slots__ = ("url", "host", "port", "ssl", "host_header", "base_path", "idle", "open", "waiters")
 
     def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
@@ -72,10 +73,12 @@ class UpstreamTarget:
         self.host_header = host_header.encode("ascii" if _is_ip(self.host) else "idna")
         self.base_path = parts.path.rstrip("/").encode()
         self.idle: list[UpstreamConnection] = []
+        self.open = 0  # connections being made or open (the pool's bound counts these)
+        self.waiters: deque[PoolWaiter] = deque()  # calls waiting for a connection, in order
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("pool", "target", "transport", "call", "parser", "reused", "got_bytes", "closed",
+    __slots__ = ("counted", "pool", "target", "transport", "call", "parser", "reused", "got_bytes", "closed",
                  "idle_since", "_head_only", "_fields", "_reason", "_head_size", "_in_head",
                  "_informational", "_mode", "_keep_alive", "_complete", "_extra", "_write_paused",
                  "_left", "_raw")
@@ -87,6 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.call: Call | None = None
         self.parser = HttpResponseParser(self)
         self.reused = False  # this call is not the connection's first
+        self.counted = False  # holds one of its target's `open` slots (UpstreamPool.connect)
         self.got_bytes = False  # any byte of the current response arrived
         self.closed = False
         self.idle_since = 0.0
@@ -114,6 +118,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.pool.open_count -= 1
         self.pool.forget(self)
+        if self.counted:
+            self.counted = False
+            self.target.open -= 1
+            self.pool.slot_freed(self.target)
         call, self.call = self.call, None
         if call is None:
             return
@@ -311,14 +319,25 @@ class UpstreamConnection(asyncio.Protocol):
         call.on_response_end()
 
 
+class PoolWaiter(Protocol):
+    """A call waiting for a connection of a full pool (`UpstreamPool.wait`)."""
+
+    def on_pool_connection(self, connection: UpstreamConnection) -> None: ...
+    def on_pool_slot(self) -> None: ...
+
+
 class UpstreamPool:
-    """Idle keep-alive connections per upstream URL; new ones on demand."""
+    """Idle keep-alive connections per upstream URL; new ones on demand, at most
+    `max_per_upstream` open per upstream when that is set (0: no bound). A call that finds the
+    bound reached waits, in order, for a connection given back or a slot freed; its own
+    deadline covers the wait (a queue of calls, never a timer)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, keepalive_s: float = 30.0,
-                 max_idle: int = 256) -> None:
+                 max_idle: int = 256, max_per_upstream: int = 0) -> None:
         self.loop = loop
         self.keepalive_s = keepalive_s
-        self.max_idle = max_idle
+        self.max_idle = max_idle if not max_per_upstream else max(max_idle, max_per_upstream)
+        self.max_per_upstream = max_per_upstream
         self.targets: dict[str, UpstreamTarget] = {}
         self.open_count = 0
         self._sweeper: asyncio.TimerHandle | None = None
@@ -340,19 +359,61 @@ class UpstreamPool:
                 return connection
         return None
 
-    async def connect(self, target: UpstreamTarget, timeout: float) -> UpstreamConnection:
-        """A new connection; raises OSError (refused, unreachable, DNS, TLS) or TimeoutError."""
+    def may_connect(self, target: UpstreamTarget) -> bool:
+        """Whether a new connection to `target` stays within the bound."""
+        return not self.max_per_upstream or target.open < self.max_per_upstream
+
+    def wait(self, target: UpstreamTarget, waiter: PoolWaiter) -> None:
+        target.waiters.append(waiter)
+
+    def unwait(self, target: UpstreamTarget, waiter: PoolWaiter) -> None:
+        """The waiter gave up (its deadline, its client gone): off the queue."""
+        try:
+            target.waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def slot_freed(self, target: UpstreamTarget) -> None:
+        """A connection of `target` closed (or was never made): the next waiter may connect."""
+        if target.waiters and self.may_connect(target):
+            target.waiters.popleft().on_pool_slot()
+
+    def reserve(self, target: UpstreamTarget) -> None:
+        """Take a slot for a connection about to be made (`connect(..., reserved=True)`)."""
+        target.open += 1
+
+    def unreserve(self, target: UpstreamTarget) -> None:
+        """A reserved slot whose connection was never made."""
+        target.open -= 1
+        self.slot_freed(target)
+
+    async def connect(self, target: UpstreamTarget, timeout: float, *,
+                      reserved: bool = False) -> UpstreamConnection:
+        """A new connection; raises OSError (refused, unreachable, DNS, TLS) or TimeoutError.
+        `reserved`: the caller took its slot (`reserve`) and gives it back if this fails."""
         kwargs: dict[str, Any] = {}
         if target.ssl is not None:
             kwargs = {"ssl": target.ssl, "server_hostname": target.host}
-        async with asyncio.timeout(timeout):
-            _, connection = await self.loop.create_connection(
-                lambda: UpstreamConnection(self, target), target.host, target.port, **kwargs)
+        if not reserved:
+            target.open += 1  # counted from now: a connection being made holds its slot
+        try:
+            async with asyncio.timeout(timeout):
+                _, connection = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self, target), target.host, target.port, **kwargs)
+        except BaseException:
+            if not reserved:
+                self.unreserve(target)
+            raise
         connection.reused = False
+        connection.counted = True  # from here on its connection_lost gives the slot back
         return connection
 
     def release(self, connection: UpstreamConnection) -> None:
         target = connection.target
+        if target.waiters and self.targets.get(target.url) is target:
+            connection.reused = True
+            target.waiters.popleft().on_pool_connection(connection)  # straight to the next call
+            return
         if len(target.idle) >= self.max_idle or self.targets.get(target.url) is not target:
             connection.close()
             return

@@ -178,8 +178,9 @@ class FakeConnection:
 
 
 class FakePool:
-    """`pool.target/acquire/connect/release` as an exchange uses them. `connect` makes a new
-    connection, raises `fail_with`, or (`hang`) waits until it is cancelled."""
+    """`pool.target/acquire/connect/release` as an exchange uses them (no bound: `may_connect`
+    always, `reserve`/`unreserve` counted). `connect` makes a new connection, raises
+    `fail_with`, or (`hang`) waits until it is cancelled."""
 
     def __init__(self) -> None:
         self.idle: list[FakeConnection] = []
@@ -188,6 +189,7 @@ class FakePool:
         self.released: list[FakeConnection] = []
         self.fail_with: BaseException | None = None
         self.hang = False
+        self.reserved = 0  # slots taken for connections being made and not yet given back
 
     def target(self, url: str, ssl_context: Any = None) -> UpstreamTarget:
         return UpstreamTarget(url, ssl_context)
@@ -195,7 +197,16 @@ class FakePool:
     def acquire(self, target: UpstreamTarget) -> FakeConnection | None:
         return self.idle.pop() if self.idle else None
 
-    async def connect(self, target: UpstreamTarget, timeout: float) -> FakeConnection:
+    def may_connect(self, target: UpstreamTarget) -> bool:
+        return True
+
+    def reserve(self, target: UpstreamTarget) -> None:
+        self.reserved += 1
+
+    def unreserve(self, target: UpstreamTarget) -> None:
+        self.reserved -= 1
+
+    async def connect(self, target: UpstreamTarget, timeout: float, *, reserved: bool = False) -> FakeConnection:
         self.connects.append((target.url, timeout))
         if self.fail_with is not None:
             raise self.fail_with
@@ -641,3 +652,4 @@ async def test_a_refused_connect_on_a_route_with_a_static_fallback_answers_the_f
         b"Content-Length: %d\r\n\r\n" % len(body) + body)
     assert world.fallback_logs == [("shipping.quotes", "static", "GET", "/shipping/quotes", 503, "unreachable")]
     assert calls(world.runtime("shipping.quotes")) == closed_after(failure=1)
+    assert world.pool.reserved == 0  # the slot taken for the connect was given back
