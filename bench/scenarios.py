@@ -22,6 +22,8 @@ REACTION_OPEN_MS = 1000
 BULKHEAD = 10
 
 
+NEW_CONNECTION = "100B, new connection per request"  # a healthy-matrix "body": Connection: close
+
 @dataclass
 class Plan:
     quick: bool
@@ -42,6 +44,8 @@ class Plan:
             matrix = [("100B", 1), ("100B", 50), ("100B", 200), ("1MB", 50)]
         else:
             matrix = [(body, c) for body in ("100B", "1MB") for c in (1, 50, 200)] + [("100B", 1000)]
+        if use_wrk:  # a new connection per request: what a client without keep-alive costs
+            matrix.append((NEW_CONNECTION, 50))
         return cls(quick=quick, duration=duration or (2.0 if quick else 5.0),
                    reps=reps or (1 if quick else 3), healthy_matrix=matrix,
                    steady_seconds=3.0 if quick else 6.0, reaction_fault_s=2.5 if quick else 3.0,
@@ -57,12 +61,16 @@ def median(values: list[float | None]) -> float | None:
 # -- closed-loop measurement (wrk, or the built-in generator) ---------------------------------
 
 
-async def closed_loop(plan: Plan, url: str, connections: int, duration: float | None = None) -> dict:
+async def closed_loop(plan: Plan, url: str, connections: int, duration: float | None = None, *,
+                      new_connections: bool = False) -> dict:
+    """`new_connections`: every request on a connection of its own (`Connection: close`; wrk only)."""
     duration = duration or plan.duration
     if plan.use_wrk:
         threads = 1 if connections < 100 else 2
         cmd = [*plan.load_prefix, "wrk", f"-t{min(threads, connections)}", f"-c{connections}",
                f"-d{max(1, round(duration))}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
+        if new_connections:
+            cmd[-1:-1] = ["-H", "Connection: close"]
     else:
         cmd = [*plan.load_prefix, shutil.which("python3") or "python3", "-m", "bench.loadgen", "closed",
                "--url", url, "-c", str(connections), "-d", str(duration)]
@@ -123,10 +131,10 @@ class Sampler:
 
 
 async def measure(plan: Plan, target: Proc | None, url: str, connections: int,
-                  duration: float | None = None) -> dict:
+                  duration: float | None = None, *, new_connections: bool = False) -> dict:
     """One closed-loop run; CPU and memory of `target` (the proxy; None for the upstream)."""
     async with Sampler(target) as sampler:
-        result = await closed_loop(plan, url, connections, duration)
+        result = await closed_loop(plan, url, connections, duration, new_connections=new_connections)
     if target is not None:
         result["cpu_s"] = sampler.cpu
         result["cpu_s_per_1k"] = sampler.cpu / result["requests"] * 1000 if result["requests"] else None
@@ -150,7 +158,7 @@ def summarize(runs: list[dict]) -> dict:
 
 async def healthy(plan: Plan, upstream: Proc, naive: Proc, circuit: Proc, log,
                   others: list[Proc] | None = None, bare: Proc | None = None) -> list[dict]:
-    paths = {"100B": "/small", "1MB": "/large"}
+    paths = {"100B": "/small", "1MB": "/large", NEW_CONNECTION: "/small"}
     targets = [("upstream (direct)", None, upstream.port, ""), ("naive aiohttp proxy", naive, naive.port, "")]
     if bare is not None:  # the floor: uvloop + httptools, nothing else (bench/bare_relay.py)
         targets.append(("bare relay (floor)", bare, bare.port, ""))
@@ -162,13 +170,17 @@ async def healthy(plan: Plan, upstream: Proc, naive: Proc, circuit: Proc, log,
             await closed_loop(plan, f"http://127.0.0.1:{port}{prefix}{path}", 50, 1.0)
     rows = []
     for body, connections in plan.healthy_matrix:
-        runs: dict[str, list[dict]] = {name: [] for name, *_ in targets}
+        # A connection per request is compared between the two proxies that answer
+        # `Connection: close` with it (the bare relay and the static upstream keep theirs open).
+        measured = [t for t in targets if body != NEW_CONNECTION or t[1] is naive or t[1] is circuit]
+        runs: dict[str, list[dict]] = {name: [] for name, *_ in measured}
         for rep in range(plan.reps):
-            order = targets if rep % 2 == 0 else list(reversed(targets))
+            order = measured if rep % 2 == 0 else list(reversed(measured))
             for name, proc, port, prefix in order:
                 url = f"http://127.0.0.1:{port}{prefix}{paths[body]}"
-                runs[name].append(await measure(plan, proc, url, connections))
-        for name, *_ in targets:
+                runs[name].append(await measure(plan, proc, url, connections,
+                                                new_connections=body == NEW_CONNECTION))
+        for name, *_ in measured:
             row = {"body": body, "connections": connections, "target": name, **summarize(runs[name])}
             rows.append(row)
             log(f"healthy {body:>4} c={connections:<3} {name:<20} {row['rps']:>9.0f} req/s  "
