@@ -34,6 +34,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """No process holds the port: a server (SO_REUSEADDR, as servers set it) can listen on it."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            return False
+        return True
+
+
+def free_ports() -> tuple[int, int]:
+    """A port for the proxy and a base port whose next four are free too (the fake upstreams'
+    control port and four services), the two ranges apart."""
+    port, base = free_port(), free_port()
+    while not all(port_is_free(base + i) for i in range(5)) or port in range(base, base + 5):
+        base = free_port()
+    return port, base
+
+
 async def read_until(stream: asyncio.StreamReader, needle: str, lines: list[str], timeout: float = 30) -> str:
     """The first line of a process's output containing `needle`; every line read goes to `lines`."""
     async def scan() -> str:

@@ -9,7 +9,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 ALERT_EVENTS = frozenset({"open", "close", "half_open", "forced_open", "forced_closed", "disabled"})
 _METHOD = re.compile(r"[A-Z]+")
@@ -128,14 +128,19 @@ def request_path(value: Any) -> str:
     return string
 
 
+def _split_url(string: str, *, echo: bool) -> tuple[SplitResult, int | None]:
+    """The URL's parts and port; a malformed one is Invalid (quoted only with `echo`)."""
+    try:
+        parts = urlsplit(string)
+        return parts, parts.port
+    except ValueError as exc:
+        raise Invalid(f"malformed URL {string!r}: {exc}" if echo else f"malformed URL: {exc}") from None
+
+
 def http_url(value: Any) -> str:
     """An http(s) URL with a host; an optional base path; no query or fragment."""
     string = text(value)
-    try:
-        parts = urlsplit(string)
-        port = parts.port
-    except ValueError as exc:
-        raise Invalid(f"malformed URL {string!r}: {exc}") from None
+    parts, port = _split_url(string, echo=True)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Invalid(f"not an http(s) URL with a host: {string!r}")
     if parts.query or parts.fragment or parts.username or parts.password:
@@ -148,11 +153,7 @@ def http_url(value: Any) -> str:
 def postgres_url(value: Any) -> str:
     """A PostgreSQL connection URL (libpq style, as asyncpg takes it) with a host or a socket."""
     string = text(value)
-    try:
-        parts = urlsplit(string)
-        port = parts.port
-    except ValueError as exc:
-        raise Invalid(f"malformed URL: {exc}") from None  # the URL may hold a password: not echoed
+    parts, port = _split_url(string, echo=False)  # the URL may hold a password: not echoed
     if parts.scheme not in ("postgresql", "postgres"):
         raise Invalid("not a postgresql:// URL")
     if port == 0:

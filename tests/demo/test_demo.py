@@ -7,34 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import aiohttp
 
-from tests.real_tools import free_port, read_until
+from tests.real_tools import free_ports, port_is_free, read_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-            sock.listen()
-        except OSError:
-            return False
-        return True
-
-
-def free_ports() -> tuple[int, int]:
-    """The proxy's port and a base port whose next four are free too."""
-    port, base = free_port(), free_port()
-    while not all(port_is_free(base + i) for i in range(5)) or port in range(base, base + 5):
-        base = free_port()
-    return port, base
 
 
 def shipped_config(config_dir: Path, **replacements: str) -> Path:

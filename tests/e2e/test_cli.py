@@ -5,27 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import aiohttp
 
-from tests.real_tools import free_port, read_until
+from tests.real_tools import free_port, free_ports, port_is_free, read_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def port_is_free(port: int) -> bool:
-    """No process holds the port: a server (SO_REUSEADDR, as servers set it) can listen on it."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-            sock.listen()
-        except OSError:
-            return False
-        return True
 
 
 async def start(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
@@ -80,10 +67,7 @@ async def test_demo_routes_to_all_four_fakes_and_error_mode_opens_a_breaker(conf
     config = config_dir / "config" / "breakers.yaml"
     config.write_text(shipped.replace("path: var/circuit-proxy.db", f"path: {config_dir / 'proxy.db'}"))
     assert config.read_text() != shipped
-    port, base = free_port(), free_port()
-    # Four more ports after the base: pick a base whose next four are free too.
-    while not all(port_is_free(base + i) for i in range(5)) or port in range(base, base + 5):
-        base = free_port()
+    port, base = free_ports()
     process = await start("demo", "--config", str(config), "--port", str(port), "--base-port", str(base),
                           env={"CIRCUIT_PROXY_ADMIN_TOKEN": "t"})
     output: list[str] = []

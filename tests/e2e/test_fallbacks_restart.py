@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.core.clock import FakeClock
+from tests.real_tools import free_port
 
 NOTIFICATIONS = 500
 PAYMENTS = 200
@@ -46,12 +46,6 @@ CONFIG = """
             fallback: {type: queue, amount_field: amount, floor_limit: 100, exposure_cap: 100000,
                        retry_base_ms: 20, retry_max_ms: 200}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ProxyProcess:
