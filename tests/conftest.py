@@ -20,6 +20,7 @@ from proxy.app import App
 from proxy.config.load import load_settings
 from proxy.config.model import Settings
 from proxy.core.clock import Clock
+from tests.browser import browser  # noqa: F401  (the Chromium fixture, for every page test)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from tests.demo.test_demo import Demo, shipped_config
-from tests.browser import ARTIFACTS
+from tests.browser import screenshot
 
 TOKEN = "t"  # what Demo puts in CIRCUIT_PROXY_ADMIN_TOKEN
 PAYMENT = '[data-breaker="payment.charges"]'
@@ -33,8 +33,7 @@ CALLS_SHOWN = """() => [...document.querySelectorAll('.card .stat dd, .mini .mca
 
 
 async def shot(page, step: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    await page.screenshot(path=str(ARTIFACTS / f"demo-{step}.png"), full_page=True)
+    await screenshot(page, f"demo-{step}.png")
 
 
 async def play(page, name: str, title: str, *, first: bool = False) -> None:

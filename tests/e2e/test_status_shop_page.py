@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 
-from tests.browser import ARTIFACTS
+from tests.browser import screenshot
 from tests.real_tools import free_port
 
 CONFIG = """
@@ -100,8 +100,7 @@ async def open_page(browser, proxy, errors: list[str]):
 
 
 async def shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    await page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    await screenshot(page, name)
 
 
 async def test_the_page_answers_the_shop_operators_questions(start_proxy, fakes, browser):

@@ -5,7 +5,6 @@ Checked over HTTP and in a real headless Chromium with JavaScript turned off."""
 from __future__ import annotations
 
 from html.parser import HTMLParser
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -13,11 +12,7 @@ import pytest
 from fake_upstreams import SERVICE_NAMES, FakeUpstreams, Mode
 from fake_upstreams.page import MODE_HELP, form_mode
 from fake_upstreams.modes import ModeError
-from tests.real_tools import require_tool
-
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+from tests.browser import screenshot
 
 
 class Page(HTMLParser):
@@ -140,25 +135,16 @@ def test_form_mode_keeps_only_the_options_of_the_mode():
         form_mode({"mode": "flap", "period_s": "often"})
 
 
-async def test_without_javascript_a_person_can_take_a_service_down_in_chromium(fakes):
-    executable = require_tool("chromium")
-    from playwright.async_api import async_playwright  # noqa: PLC0415  (only where a browser runs)
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            context = await browser.new_context(java_script_enabled=False)
-            tab = await context.new_page()
-            await tab.goto(f"{fakes.control_url}/")
-            row = tab.locator('tr[data-service="payment"]')
-            assert await row.locator('[data-field="mode"]').text_content() == "healthy"
-            await row.locator('select[name="mode"]').select_option("down")
-            await row.get_by_role("button", name="set", exact=True).click()
-            await tab.wait_for_load_state()
-            assert fakes.mode("payment").mode == "down"
-            assert await row.locator('[data-field="mode"]').text_content() == "down"
-            assert "payment is now down" in await tab.locator(".notice").text_content()
-            await tab.screenshot(path=str(ARTIFACTS / "fake-upstreams-control-page.png"), full_page=True)
-        finally:
-            await browser.close()
+async def test_without_javascript_a_person_can_take_a_service_down_in_chromium(fakes, browser):
+    context = await browser.new_context(java_script_enabled=False)
+    tab = await context.new_page()
+    await tab.goto(f"{fakes.control_url}/")
+    row = tab.locator('tr[data-service="payment"]')
+    assert await row.locator('[data-field="mode"]').text_content() == "healthy"
+    await row.locator('select[name="mode"]').select_option("down")
+    await row.get_by_role("button", name="set", exact=True).click()
+    await tab.wait_for_load_state()
+    assert fakes.mode("payment").mode == "down"
+    assert await row.locator('[data-field="mode"]').text_content() == "down"
+    assert "payment is now down" in await tab.locator(".notice").text_content()
+    await screenshot(tab, "fake-upstreams-control-page.png")
