@@ -284,10 +284,6 @@ class Breaker:
 
     # -- the fleet (§8) -----------------------------------------------------------------------
 
-    @property
-    def trials_held(self) -> bool:
-        return self._trials_held
-
     def hold_trials(self, held: bool) -> None:
         """While held, half-open lets no trial through (customers get the fallback): another
         proxy of the fleet runs the trial. Outside half-open it changes nothing."""

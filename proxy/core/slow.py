@@ -46,10 +46,6 @@ class SlowThreshold:
             raise ValueError(f"slow_call_duration_ms must be a number or 'auto', got {configured!r}")
 
     @property
-    def is_learned(self) -> bool:
-        return self._sketch is not None
-
-    @property
     def samples(self) -> int:
         """Successful calls in the learning view (0 for a fixed threshold)."""
         return 0 if self._sketch is None else self._sketch.count

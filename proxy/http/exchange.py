@@ -472,11 +472,6 @@ class Exchange(Answering, Retrying):
         if self.reader is not None:
             self.reader.fail()
 
-    @property
-    def under_way(self) -> bool:
-        """Some of the answer may have been written already."""
-        return self.state == STREAMING or self.state == DONE
-
     # -- bookkeeping -------------------------------------------------------------------------
 
     def _record_attempt(self, failed: bool) -> None:
