@@ -188,7 +188,8 @@ class Breaker:
             self._calls_success += 1
         if slow and not marked_slow:
             self._slow_calls += 1
-        self._slow.note(duration, failed=failed, now=now)
+        if self._slow.learns:
+            self._slow.note(duration, failed=failed, now=now)
         if permit.generation != self._generation:
             # The call began before the last transition: it happened (so the cumulative
             # counters above hold it) but it describes the upstream as it was then and must
@@ -209,12 +210,14 @@ class Breaker:
             return duration
         # closed, forced_closed or disabled: a current permit is never issued while open or
         # forced open. Forced-closed and disabled keep counting but never trip.
-        self._window.record(failed, slow, now)
+        window = self._window
+        window.record(failed, slow, now)
         if failed:
             self._consecutive_failures += 1
         else:
             self._consecutive_failures = 0
-        if state is State.CLOSED:
+        # A success into a window with no failure and no slow call cannot trip anything.
+        if state is State.CLOSED and (failed or slow or window.failures or window.slow):
             reason = self._trip_reason()
             if reason is not None:
                 self._move_to(State.OPEN, now, reason)

@@ -128,20 +128,21 @@ def upstream_request_head(method: bytes, target: bytes, fields: Iterable[Field],
     return b"".join(parts)
 
 
-def downstream_response_fields(fields: Iterable[Field], connection_tokens: frozenset[bytes] | None,
-                               *, keep_length: bool = True) -> tuple[list[bytes], bool]:
-    """The upstream response's end-to-end fields as `name: value\\r\\n` lines, and whether a
-    Date was among them (framing is the proxy's own business: without `keep_length` the
-    body is re-framed, so a Content-Length beside chunked coding is dropped)."""
+def downstream_response_fields(parts: list[bytes], fields: Iterable[Field],
+                               connection_tokens: frozenset[bytes] | None, *,
+                               keep_length: bool = True) -> bool:
+    """The upstream response's end-to-end fields appended to `parts` as pieces of
+    `name: value\\r\\n` lines (joined once with the rest of the head); whether a Date was
+    among them. Framing is the proxy's own business: without `keep_length` the body is
+    re-framed, so a Content-Length beside chunked coding is dropped."""
     drop = HOP_BY_HOP_BYTES | connection_tokens if connection_tokens else HOP_BY_HOP_BYTES
     if not keep_length:
         drop = drop | {b"content-length"}
-    lines = []
     has_date = False
     for name, lname, value in fields:
         if lname in drop:
             continue
         if lname == b"date":
             has_date = True
-        lines.append(name + b": " + value + b"\r\n")
-    return lines, has_date
+        parts += (name, b": ", value, b"\r\n")
+    return has_date

@@ -27,7 +27,7 @@ AUTO_QUANTILE = 0.99
 class SlowThreshold:
     """`seconds`: a call that has taken at least this long is slow."""
 
-    __slots__ = ("_factor", "_floor_s", "_records", "_sketch", "_timeout_s", "seconds")
+    __slots__ = ("_factor", "_floor_s", "_records", "_sketch", "_timeout_s", "learns", "seconds")
 
     def __init__(self, policy: Policy) -> None:
         self._timeout_s = policy.timeout_ms / 1000
@@ -35,11 +35,13 @@ class SlowThreshold:
         configured = policy.slow_call_duration_ms
         if configured == AUTO:
             self._sketch: LatencySketch | None = LatencySketch()
+            self.learns = True  # `note` has something to do (else callers may skip it)
             self._factor = policy.auto_slow_factor
             self._floor_s = policy.auto_slow_floor_ms / 1000
             self.seconds = self._timeout_s  # §3a: before enough calls are seen
         elif isinstance(configured, (int, float)) and not isinstance(configured, bool):
             self._sketch = None
+            self.learns = False
             self._factor = self._floor_s = 0.0
             self.seconds = configured / 1000  # units converted once
         else:

@@ -324,7 +324,8 @@ class ClientConnection(asyncio.Protocol):
                     return
                 self.current = None
             if not self._queue:
-                self.resume_reading("pipeline")
+                if self._paused_by:
+                    self.resume_reading("pipeline")
                 return
             self._serving = True
             try:
@@ -399,9 +400,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _done(self, keep_alive: bool) -> None:
         self.answered = True
-        self.idle_since = self.server.loop.time()
-        current = self.current
-        if not keep_alive or self.server.draining:
+        server = self.server
+        self.idle_since = server.loop.time()
+        if not keep_alive or server.env.draining:
+            current = self.current
             if current is not None and not current.complete and self.parser is not None:
                 self.linger_close()  # its body is still coming: let the client see the answer
             else:

@@ -102,7 +102,7 @@ class Exchange(Answering, Retrying):
         self.runtime = runtime
         self.head = head
         self.target = target  # path (after the service) and query, as sent
-        tls = env.tls_for(runtime) if env.tls_for is not None else None
+        tls = env.tls_for(runtime) if runtime.secure and env.tls_for is not None else None
         self.upstream_target = env.pool.target(runtime.upstream, tls)
         self.permit: Permit | None = None
         self.started = env.clock.monotonic()
@@ -254,7 +254,7 @@ class Exchange(Answering, Retrying):
             head.method, target.base_path + self.target, head.fields, head.connection_tokens,
             host=target.host_header, client_ip=self.client.peer_ip, proto=self.env.scheme,
             forwarded_host=head.host, framing=framing,
-            trust_forwarded=getattr(self.client, "trusted", True))
+            trust_forwarded=self.client.trusted)
         if self.buffered is not None:
             data += self.buffered
         elif self.pending:
@@ -329,7 +329,7 @@ class Exchange(Answering, Retrying):
     def on_response_head(self, head: ResponseHead, body_mode: int) -> None:
         status = self.status = head.status
         runtime = self.runtime
-        self.failed = outcome.is_failure(status, runtime.failure_statuses)
+        self.failed = status in runtime.failure_statuses  # only listed statuses (outcome.is_failure, §3)
         if self.failed:
             runtime.note_failure("http", status)
         if self.failed and self.retryable:
@@ -338,9 +338,9 @@ class Exchange(Answering, Retrying):
             if self._retry(True):
                 return  # the next attempt's answer is the one the client gets
         self.state = STREAMING
-        lines, has_date = downstream_response_fields(head.fields, head.connection_tokens,
-                                                     keep_length=body_mode == LENGTH or body_mode == NO_BODY)
-        lines.insert(0, wire.status_line(status, head.reason))
+        lines = [wire.status_line(status, head.reason)]
+        has_date = downstream_response_fields(lines, head.fields, head.connection_tokens,
+                                              keep_length=body_mode == LENGTH or body_mode == NO_BODY)
         if body_mode == CHUNKED or body_mode == UNTIL_CLOSE:
             if self.head.http11:
                 lines.append(b"Transfer-Encoding: chunked\r\n")

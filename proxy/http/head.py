@@ -34,7 +34,7 @@ class RequestHead:
     chunked body; neither means no body (RFC 9112 §6.3)."""
 
     __slots__ = ("method", "target", "http11", "fields", "content_length", "chunked", "keep_alive",
-                 "host", "expect_continue", "connection_tokens", "upgrade")
+                 "host", "expect_continue", "connection_tokens", "upgrade", "has_body")
 
     def __init__(self, method: bytes, target: bytes, http11: bool, fields: list[Field],
                  keep_alive: bool) -> None:
@@ -76,10 +76,7 @@ class RequestHead:
             self.upgrade = b"upgrade" in connection
         # HTTP/1.0: one request per connection, always (simple and safe).
         self.keep_alive = keep_alive and http11 and not self.upgrade
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
+        self.has_body = self.chunked or bool(self.content_length)
 
 
 class ResponseHead:

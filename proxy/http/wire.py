@@ -43,6 +43,10 @@ def reason_of(status: int) -> bytes:
 
 _STATUS_LINES = {status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
                  for status in HTTPStatus}
+# Status lines with the upstream's own reason phrase, made once each: an upstream says the
+# same few every time. Bounded, since the phrase is the upstream's to choose.
+_RELAYED_LINES: dict[tuple[int, bytes], bytes] = {}
+_RELAYED_MAX = 256
 
 
 def status_line(status: int, reason: bytes | None = None) -> bytes:
@@ -51,6 +55,14 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
         if line is not None:
             return line
         reason = reason_of(status)
+    else:
+        line = _RELAYED_LINES.get((status, reason))
+        if line is not None:
+            return line
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_RELAYED_LINES) < _RELAYED_MAX:
+            _RELAYED_LINES[(status, reason)] = line
+        return line
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
 

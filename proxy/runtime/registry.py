@@ -36,7 +36,7 @@ FallbackFactory = Callable[[Route, str], "Fallback | None"]
 class RouteRuntime:
     """One route's breaker, bulkhead, metrics, fallback and upstream call settings."""
 
-    __slots__ = ("route", "name", "breaker", "bulkhead", "metrics", "fallback", "upstream",
+    __slots__ = ("route", "name", "breaker", "bulkhead", "metrics", "fallback", "upstream", "secure",
                  "timeout_s", "connect_timeout_s", "failure_statuses", "retry", "retry_budget",
                  "last_failure")
 
@@ -49,6 +49,7 @@ class RouteRuntime:
         self.metrics = metrics
         self.fallback = fallback
         self.upstream = upstream
+        self.secure = upstream.startswith("https:")  # only then is a TLS context looked up
         policy = route.policy
         self.timeout_s = policy.timeout_ms / 1000
         self.connect_timeout_s = policy.connect_timeout_ms / 1000
@@ -67,7 +68,7 @@ class RouteRuntime:
         threshold = breaker.slow_threshold_s()
         duration = breaker.record(permit, failed=failed, marked_slow=marked_slow)
         metrics = self.metrics
-        (metrics.failure if failed else metrics.success).inc()
+        (metrics.failure if failed else metrics.success).value += 1  # a Tally, read at scrape
         metrics.call_duration.observe(duration)
         if not marked_slow and duration >= threshold:
             metrics.slow.inc()

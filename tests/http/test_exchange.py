@@ -80,6 +80,7 @@ class FakeDownstream:
 
     def __init__(self, peer_ip: bytes | None = b"10.0.0.7") -> None:
         self.peer_ip = peer_ip
+        self.trusted = True
         self.writable = True
         self.lost = False
         self.written: list[bytes] = []
