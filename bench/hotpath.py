@@ -1,6 +1,6 @@
 """The data path's own CPU per request, without sockets: what the proxy's Python costs.
 
-    python -m bench.hotpath [--requests 200000] [--reps 5]
+    python -m bench.hotpath [--requests 200000] [--reps 5] [--open]
 
 A real `App` (config as in the bench: one route, metrics, breaker, deadlines, headers all on)
 serves requests on a `ClientConnection` whose transport, and the pooled upstream connection's,
@@ -9,7 +9,9 @@ upstream's 100 B response, bytes as on the wire) as another, so llhttp, routing,
 metrics and both header rewrites run exactly as under wrk, but no syscall, epoll wake-up or
 other process is measured. Prints µs per request (best and median of the reps): the figure to
 move when cutting the Python, low-noise enough to compare two trees a few percent apart
-(`--root` another checkout). The whole-process figure under load is `python -m bench`.
+(run it from another checkout to compare). `--open`: the breaker is forced open and every
+request is a rejection without a fallback (the open path). The whole-process figure under
+load is `python -m bench`.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class _Sink:
         pass
 
 
-async def _measure(requests: int, reps: int) -> list[float]:
+async def _measure(requests: int, reps: int, open_breaker: bool) -> list[float]:
     from proxy.app import App
     from proxy.config.load import parse_settings
     from proxy.http.connection import ClientConnection
@@ -89,35 +91,52 @@ async def _measure(requests: int, reps: int) -> list[float]:
             upstream.connection_made(_Sink())  # type: ignore[arg-type]
             pool.release(upstream)
             feed_request, feed_answer = client.data_received, upstream.data_received
+            if open_breaker:
+                app.registry.get("bench.default").breaker.force_open()
+                return _timed(lambda: feed_request(REQUEST), client, requests, reps)
             for _ in range(2000):  # warm: caches, the interpreter's specialisations
                 feed_request(REQUEST)
                 feed_answer(SMALL)
-            if upstream.closed or client.lost or server.env.pool.targets[target.url].idle != [upstream]:
+            if upstream.closed or client.lost or pool.targets[target.url].idle != [upstream]:
                 raise RuntimeError("the hot path did not run as a keep-alive exchange")
-            timings = []
-            for _ in range(reps):
-                started = time.perf_counter()
-                for _ in range(requests):
-                    feed_request(REQUEST)
-                    feed_answer(SMALL)
-                timings.append((time.perf_counter() - started) / requests * 1e6)
-            return timings
+
+            def one() -> None:
+                feed_request(REQUEST)
+                feed_answer(SMALL)
+
+            return _timed(one, client, requests, reps)
         finally:
             await app.close()
+
+
+def _timed(one: object, client: object, requests: int, reps: int) -> list[float]:
+    """µs per call of `one()`, `reps` times over `requests` calls (after a warm-up)."""
+    for _ in range(2000):  # warm: caches, the interpreter's specialisations
+        one()  # type: ignore[operator]
+    if client.lost or client.handler is not None:  # type: ignore[attr-defined]
+        raise RuntimeError("a request was not answered at once, on a kept connection")
+    timings = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        for _ in range(requests):
+            one()  # type: ignore[operator]
+        timings.append((time.perf_counter() - started) / requests * 1e6)
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--open", action="store_true", help="the open path: every request rejected")
     args = parser.parse_args(argv)
     try:
         import uvloop
         runner = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    timings = runner(_measure(args.requests, args.reps))
-    print(f"data path, no sockets: best {min(timings):.2f} µs / request, "
+    timings = runner(_measure(args.requests, args.reps, args.open))
+    print(f"{'open path' if args.open else 'data path'}, no sockets: best {min(timings):.2f} µs / request, "
           f"median {statistics.median(timings):.2f} ({len(timings)} × {args.requests:,})")
     return 0
 

@@ -44,7 +44,7 @@ def is_failure(status: int, failure_statuses: frozenset[int]) -> bool:
 def rejection(breaker: Breaker) -> tuple[Reason, float | None]:
     """Why the breaker refused a permit, and the seconds until half-open (None: forced open)."""
     state = breaker.state
-    reason = _REJECTED_BY_STATE.get(state.value, Reason.HALF_OPEN_FULL)
+    reason = _REJECTED_BY_STATE.get(state, Reason.HALF_OPEN_FULL)  # a StrEnum is its value as a key
     retry_after = None if reason is Reason.FORCED_OPEN else (breaker.retry_after() or 0.0)
     return reason, retry_after
 

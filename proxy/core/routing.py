@@ -53,10 +53,13 @@ class _Matcher(Generic[T]):
 class Router(Generic[T]):
     """Routes of every service, in config order; the last route of a service is `default`."""
 
-    __slots__ = ("_services",)
+    __slots__ = ("_services", "_catch_all")
 
     def __init__(self, services: Iterable[Service], target_for: Callable[[Route], T]) -> None:
         self._services: dict[str, tuple[_Matcher[T], ...]] = {}
+        # Services whose first route takes every request (most have only `default`): no
+        # matching to do.
+        self._catch_all: dict[str, T] = {}
         for service in services:
             matchers = []
             for route in service.routes:
@@ -64,6 +67,10 @@ class Router(Generic[T]):
                 pattern = re.compile(match.path_regex) if match.path_regex else None
                 matchers.append(_Matcher(match.methods, match.path, pattern, target_for(route)))
             self._services[service.name] = tuple(matchers)
+            first = matchers[0] if matchers else None
+            if first is not None and first.methods is None and first.prefix in (None, "/") \
+                    and first.pattern is None:
+                self._catch_all[service.name] = first.target
 
     def services(self) -> list[str]:
         return list(self._services)
@@ -73,6 +80,9 @@ class Router(Generic[T]):
 
         `path` is the part after `/<service>`, starting with `/`.
         """
+        target = self._catch_all.get(service)
+        if target is not None:
+            return target
         matchers = self._services.get(service)
         if matchers is None:
             return None

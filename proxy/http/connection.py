@@ -25,7 +25,7 @@ from proxy.core.headers import client_is_trusted
 from proxy.core.routing import has_dot_segment, split_service
 from proxy.http import wire
 from proxy.http.control_call import ControlCall
-from proxy.http.exchange import Exchange
+from proxy.http.exchange import Exchange, refused_at_once
 from proxy.http.head import HttpError, RequestHead
 
 if TYPE_CHECKING:
@@ -367,6 +367,14 @@ class ClientConnection(asyncio.Protocol):
             if runtime is None:
                 self._answer_now(outcome.unknown_service(service), head)
                 return
+            if incoming.complete:  # nothing more to read: an open breaker may answer at once
+                keep_alive = head.keep_alive and not server.env.draining
+                refusal = refused_at_once(runtime, server.env.clock, keep_alive=keep_alive,
+                                          head_only=head.method == b"HEAD")
+                if refusal is not None:
+                    self.write(refusal)
+                    self._done(keep_alive)
+                    return
             upstream_target = rest.encode("latin-1") + (target[query_at:] if query_at >= 0 else b"")
             handler = Exchange(server.env, self, head, runtime, upstream_target)
         self.handler = handler

@@ -87,6 +87,25 @@ class ExchangeEnv:
         self.rng = random.Random()  # retry backoff jitter
 
 
+def refused_at_once(runtime: RouteRuntime, clock: Any, *, keep_alive: bool, head_only: bool) -> bytes | None:
+    """The open path without an exchange: a request read whole, on a route whose breaker is
+    open (or forced open) and that has no fallback and no retries, gets its 503 circuit_open
+    here, counted as `Exchange.start` would count it. None: it needs an exchange (a closed or
+    half-open breaker, a fallback, retries, or a full bulkhead, whose rejection says so)."""
+    if runtime.fallback is not None or runtime.retry is not None or runtime.bulkhead.is_full:
+        return None
+    started = clock.monotonic()
+    retry_after = runtime.breaker.refuses()
+    if retry_after is None:
+        return None
+    metrics = runtime.metrics
+    metrics.rejected.value += 1
+    data = wire.circuit_open(runtime.name, retry_after if retry_after >= 0.0 else None,
+                             keep_alive=keep_alive, head_only=head_only)
+    metrics.count_request(503, clock.monotonic() - started)
+    return data
+
+
 class Exchange(Answering, Retrying):
     __slots__ = ("env", "client", "runtime", "head", "target", "upstream_target", "permit",
                  "started", "upstream", "deadline", "state", "status", "failed", "recorder",

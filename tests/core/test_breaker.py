@@ -1271,3 +1271,25 @@ def test_one_clock_read_in_try_acquire_trial() -> None:
     b = Breaker(NAME, make_policy(probe=PROBE), clock)
     assert b.try_acquire_trial() is None
     assert (clock.monotonic_reads, clock.wall_reads) == (1, 0)
+
+
+# -- refuses(): the open path's shortcut, before any permit --------------------------------------
+
+
+def test_refuses_only_while_open_or_forced_open_and_counts_each_refusal(rig) -> None:
+    b = rig.breaker
+    assert b.refuses() is None  # closed: ask try_acquire
+    rig.trip()
+    retry_at = MONO0 + b.retry_after()  # type: ignore[operator]
+    assert b.refuses() == retry_at - rig.clock.monotonic() > 0
+    assert b.view().calls_rejected == 1
+    rig.advance_to(retry_at)  # the open period is over: the shortcut steps aside, moving nothing
+    assert b.refuses() is None
+    assert (b._state, b.view().calls_rejected) == (State.OPEN, 1)
+    assert b.try_acquire() is not None and b.state is State.HALF_OPEN
+    assert b.refuses() is None  # half-open: trials are try_acquire's business
+    b.force_open()
+    assert b.refuses() == -1.0  # no retry time when forced open
+    assert b.view().calls_rejected == 2
+    b.disable()
+    assert b.refuses() is None

@@ -409,3 +409,39 @@ async def test_a_pipelined_stream_split_anywhere_serves_the_same_requests_in_ord
     client.feed(*pieces)
     assert client.forwarded() == expected
     assert bytes(client.transport.data) == b"".join(upstream_answer(n) for n in range(len(requests)))
+
+
+# -- the open path's shortcut: no exchange for a request an open breaker refuses -------------------
+
+
+def _open_answers(data: bytes) -> list[tuple[int, dict]]:
+    """Each answer in `data`: its status and JSON body."""
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+        answers.append((int(head.split(b" ", 2)[1]), json.loads(rest[:length])))
+        data = rest[length:]
+    return answers
+
+
+async def test_an_open_breaker_refuses_whole_requests_at_once_counted_as_an_exchange_would(client):
+    runtime = client.registry.get("up.default")
+    runtime.breaker.force_open()
+    client.feed(GET + b"\r\n" + b"POST /up/x HTTP/1.1\r\nHost: p\r\nContent-Length: 3\r\n\r\nabc" + GET + b"\r\n")
+    answers = _open_answers(bytes(client.transport.data))
+    assert [(status, body["error"], body["retry_after"]) for status, body in answers] == [
+        (503, "circuit_open", None)] * 3
+    assert (client.pool.calls, client.transport.closed, runtime.bulkhead.in_flight) == ([], False, 0)
+    assert (runtime.metrics.rejected.value, runtime.metrics.codes[503].value,
+            runtime.breaker.view().calls_rejected) == (3, 3, 3)
+
+
+async def test_a_request_whose_body_is_still_coming_is_refused_by_its_exchange_alike(client):
+    runtime = client.registry.get("up.default")
+    runtime.breaker.force_open()
+    client.feed(b"POST /up/x HTTP/1.1\r\nHost: p\r\nContent-Length: 3\r\n\r\na")
+    assert _open_answers(bytes(client.transport.data))[0][1]["error"] == "circuit_open"
+    client.feed(b"bc" + GET + b"\r\n")  # the rest is read and dropped; the connection serves on
+    assert len(_open_answers(bytes(client.transport.data))) == 2
+    assert (client.pool.upstreams, client.transport.closed, runtime.metrics.rejected.value) == ([], False, 2)
