@@ -69,7 +69,7 @@ class Breaker:
         "_calls_failure", "_calls_rejected", "_calls_success", "_clock", "_consecutive_failures",
         "_consecutive_successes", "_generation", "_half_open_in_flight", "_name", "_notifier",
         "_open_count", "_opened_at_wall", "_policy", "_retry_at", "_retry_at_wall", "_rng",
-        "_slow", "_slow_calls", "_slow_in_flight", "_state", "_trials_held", "_window",
+        "_slow", "_slow_calls", "_slow_in_flight", "_state", "_trials_held", "_window", "refusing",
     )
 
     def __init__(
@@ -84,6 +84,9 @@ class Breaker:
         self._window: CountWindow | TimeWindow = make_window(policy.window)
         self._slow = SlowThreshold(policy)
         self._state = CLOSED
+        # Open or forced open: a call may be refused without a permit (`refuses`). One
+        # attribute read lets the healthy path skip the open path's shortcut.
+        self.refusing = False
         self._generation = 0
         self._consecutive_failures = 0
         self._consecutive_successes = 0  # half_open only
@@ -147,19 +150,16 @@ class Breaker:
         return Permit(self._generation, now)
 
     def refuses(self) -> float | None:
-        """The open path's shortcut, before any permit is asked: when a call now is refused
-        outright (open before its retry time, or forced open), count it rejected and return
-        the seconds until half-open (-1.0 when forced open: there is none). None: the call
-        must ask `try_acquire` (closed, half-open, or the open period is over)."""
+        """The open path's shortcut, before any permit is asked: when a call now would be
+        refused outright (open before its retry time, or forced open), the seconds until
+        half-open (-1.0 when forced open: there is none); the caller that refuses it says
+        so with `note_rejected`. None: the call must ask `try_acquire` (closed, half-open,
+        or the open period is over). Changes nothing."""
         state = self._state
         if state is OPEN:
             remaining = self._retry_at - self._clock.monotonic()
-            if remaining <= 0.0:
-                return None
-            self._calls_rejected += 1
-            return remaining
+            return remaining if remaining > 0.0 else None
         if state is FORCED_OPEN:
-            self._calls_rejected += 1
             return -1.0
         return None
 
@@ -255,7 +255,8 @@ class Breaker:
             self._half_open_in_flight -= 1
 
     def note_rejected(self) -> None:
-        """The bulkhead turned a call away: a rejection, not an upstream failure (§3)."""
+        """A call turned away without a permit (the bulkhead, or the open path's shortcut
+        after `refuses`): a rejection, not an upstream failure (§3)."""
         self._calls_rejected += 1
 
     def _trip_reason(self) -> str | None:
@@ -481,6 +482,7 @@ class Breaker:
         if wall is None:
             wall = self._clock.wall()
         self._state = to
+        self.refusing = to is OPEN or to is FORCED_OPEN
         # Permits from before now are stale: their results must not steer the new state.
         self._generation += 1
         self._consecutive_failures = 0

@@ -53,13 +53,13 @@ class _Matcher(Generic[T]):
 class Router(Generic[T]):
     """Routes of every service, in config order; the last route of a service is `default`."""
 
-    __slots__ = ("_services", "_catch_all")
+    __slots__ = ("_services", "catch_all")
 
     def __init__(self, services: Iterable[Service], target_for: Callable[[Route], T]) -> None:
         self._services: dict[str, tuple[_Matcher[T], ...]] = {}
         # Services whose first route takes every request (most have only `default`): no
-        # matching to do.
-        self._catch_all: dict[str, T] = {}
+        # matching to do, and a caller may look here before decoding what `resolve` needs.
+        self.catch_all: dict[str, T] = {}
         for service in services:
             matchers = []
             for route in service.routes:
@@ -70,7 +70,7 @@ class Router(Generic[T]):
             first = matchers[0] if matchers else None
             if first is not None and first.methods is None and first.prefix in (None, "/") \
                     and first.pattern is None:
-                self._catch_all[service.name] = first.target
+                self.catch_all[service.name] = first.target
 
     def services(self) -> list[str]:
         return list(self._services)
@@ -80,7 +80,7 @@ class Router(Generic[T]):
 
         `path` is the part after `/<service>`, starting with `/`.
         """
-        target = self._catch_all.get(service)
+        target = self.catch_all.get(service)
         if target is not None:
             return target
         matchers = self._services.get(service)

@@ -22,7 +22,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 from proxy.config.load import RESERVED_SERVICE_NAMES as RESERVED
 from proxy.core import outcome
 from proxy.core.headers import client_is_trusted
-from proxy.core.routing import has_dot_segment, split_service
+from proxy.core.routing import has_dot_segment
 from proxy.http import wire
 from proxy.http.control_call import ControlCall
 from proxy.http.exchange import Exchange, refused_at_once
@@ -355,19 +355,29 @@ class ClientConnection(asyncio.Protocol):
             return
         query_at = target.find(b"?")
         path = target if query_at < 0 else target[:query_at]
-        path_str = path.decode("latin-1")
-        if (b"." in path or b"%" in path) and _climbs(path_str):
+        if (b"." in path or b"%" in path) and _climbs(path.decode("latin-1")):
             self._refuse(HttpError(400, "dot-segments are not allowed in the path"))
             return
-        service, rest = split_service(path_str)
+        # `/payment/charges?x` → service `payment`, the rest `/charges?x` as sent (as
+        # core.routing.split_service, in bytes: the rest goes upstream as it came).
+        slash = path.find(b"/", 1)
+        if slash < 0:
+            service, rest_at = path[1:].decode("latin-1"), -1
+        else:
+            service, rest_at = path[1:slash].decode("latin-1"), slash
         if service in RESERVED:
             handler: Any = ControlCall(server, self, head)
         else:
-            runtime = server.registry.router.resolve(service, head.method.decode("latin-1"), rest)
+            router = server.registry.router
+            runtime = router.catch_all.get(service)
+            if runtime is None:
+                rest = path[rest_at:].decode("latin-1") if rest_at > 0 else "/"
+                runtime = router.resolve(service, head.method.decode("latin-1"), rest)
             if runtime is None:
                 self._answer_now(outcome.unknown_service(service), head)
                 return
-            if incoming.complete:  # nothing more to read: an open breaker may answer at once
+            if incoming.complete and runtime.breaker.refusing and runtime.plain_refusal:
+                # Nothing more to read, and an open breaker: answered at once.
                 keep_alive = head.keep_alive and not server.env.draining
                 refusal = refused_at_once(runtime, server.env.clock, keep_alive=keep_alive,
                                           head_only=head.method == b"HEAD")
@@ -375,7 +385,10 @@ class ClientConnection(asyncio.Protocol):
                     self.write(refusal)
                     self._done(keep_alive)
                     return
-            upstream_target = rest.encode("latin-1") + (target[query_at:] if query_at >= 0 else b"")
+            if rest_at > 0:
+                upstream_target = target[rest_at:]  # the path's rest and the query, as sent
+            else:
+                upstream_target = b"/" + target[query_at:] if query_at >= 0 else b"/"
             handler = Exchange(server.env, self, head, runtime, upstream_target)
         self.handler = handler
         handler.start()

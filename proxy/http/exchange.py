@@ -89,15 +89,16 @@ class ExchangeEnv:
 
 def refused_at_once(runtime: RouteRuntime, clock: Any, *, keep_alive: bool, head_only: bool) -> bytes | None:
     """The open path without an exchange: a request read whole, on a route whose breaker is
-    open (or forced open) and that has no fallback and no retries, gets its 503 circuit_open
-    here, counted as `Exchange.start` would count it. None: it needs an exchange (a closed or
-    half-open breaker, a fallback, retries, or a full bulkhead, whose rejection says so)."""
-    if runtime.fallback is not None or runtime.retry is not None or runtime.bulkhead.is_full:
-        return None
+    open (or forced open) and whose refusals are the contract's 503 (`plain_refusal`: no
+    fallback, no retries), gets its 503 circuit_open here, counted as `Exchange.start` would
+    count it. None: it needs an exchange (the open period is over, or a full bulkhead, whose
+    rejection says so)."""
     started = clock.monotonic()
-    retry_after = runtime.breaker.refuses()
-    if retry_after is None:
+    breaker = runtime.breaker
+    retry_after = breaker.refuses()
+    if retry_after is None or runtime.bulkhead.is_full:
         return None
+    breaker.note_rejected()
     metrics = runtime.metrics
     metrics.rejected.value += 1
     data = wire.circuit_open(runtime.name, retry_after if retry_after >= 0.0 else None,

@@ -37,6 +37,7 @@ class RouteRuntime:
     """One route's breaker, bulkhead, metrics, fallback and upstream call settings."""
 
     __slots__ = ("route", "name", "breaker", "bulkhead", "metrics", "fallback", "upstream", "secure",
+                 "plain_refusal",
                  "timeout_s", "connect_timeout_s", "failure_statuses", "retry", "retry_budget",
                  "last_failure")
 
@@ -57,6 +58,9 @@ class RouteRuntime:
         # §3b: None when the route does not retry; the budget counts its requests and retries.
         self.retry = policy.retry if policy.retry.attempts > 0 else None
         self.retry_budget = RetryBudget(policy.retry.budget_percent) if self.retry is not None else None
+        # A refusal is the contract's 503 and nothing else: no fallback to serve, no retry
+        # budget to count (the open path's shortcut, `exchange.refused_at_once`).
+        self.plain_refusal = fallback is None and self.retry is None
         # Why the last call went wrong, for the status page: (kind, detail), kind one of
         # FAILURE_KINDS. Replaced, never appended to: a failed call costs one tuple.
         self.last_failure: tuple[str, object] | None = None

@@ -1276,20 +1276,18 @@ def test_one_clock_read_in_try_acquire_trial() -> None:
 # -- refuses(): the open path's shortcut, before any permit --------------------------------------
 
 
-def test_refuses_only_while_open_or_forced_open_and_counts_each_refusal(rig) -> None:
+def test_refuses_only_while_open_or_forced_open_and_changes_nothing(rig) -> None:
     b = rig.breaker
-    assert b.refuses() is None  # closed: ask try_acquire
+    assert (b.refuses(), b.refusing) == (None, False)  # closed: ask try_acquire
     rig.trip()
     retry_at = MONO0 + b.retry_after()  # type: ignore[operator]
     assert b.refuses() == retry_at - rig.clock.monotonic() > 0
-    assert b.view().calls_rejected == 1
+    assert (b.refusing, b.view().calls_rejected) == (True, 0)  # counting is the caller's (note_rejected)
     rig.advance_to(retry_at)  # the open period is over: the shortcut steps aside, moving nothing
-    assert b.refuses() is None
-    assert (b._state, b.view().calls_rejected) == (State.OPEN, 1)
+    assert (b.refuses(), b._state) == (None, State.OPEN)
     assert b.try_acquire() is not None and b.state is State.HALF_OPEN
-    assert b.refuses() is None  # half-open: trials are try_acquire's business
+    assert (b.refuses(), b.refusing) == (None, False)  # half-open: trials are try_acquire's business
     b.force_open()
-    assert b.refuses() == -1.0  # no retry time when forced open
-    assert b.view().calls_rejected == 2
+    assert (b.refuses(), b.refusing) == (-1.0, True)  # no retry time when forced open
     b.disable()
-    assert b.refuses() is None
+    assert (b.refuses(), b.refusing) == (None, False)

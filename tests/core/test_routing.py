@@ -39,6 +39,17 @@ def test_root_prefix_matches_everything():
     assert r.resolve("svc", "DELETE", "/anything/at/all") == "all"
 
 
+def test_a_service_whose_first_route_takes_everything_needs_no_matching():
+    assert router().catch_all == {"svc": "default"}
+    assert router(route("all", path="/")).catch_all == {"svc": "all"}
+    for first in (route("get", methods=frozenset({"GET"})), route("charges", path="/charges"),
+                  route("ids", path_regex="/[0-9]+")):
+        r = router(first)
+        assert r.catch_all == {}
+        assert (r.resolve("svc", "POST", "/x"), r.resolve("svc", "GET", "/charges/1")) == (
+            "default", "charges" if first.name == "charges" else "get" if first.name == "get" else "default")
+
+
 def test_split_service():
     assert split_service("/payment/charges/x") == ("payment", "/charges/x")
     assert split_service("/payment") == ("payment", "/")
