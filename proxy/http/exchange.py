@@ -349,19 +349,21 @@ class Exchange(Answering, Retrying):
     def on_response_head(self, head: ResponseHead, body_mode: int) -> None:
         status = self.status = head.status
         runtime = self.runtime
-        self.failed = status in runtime.failure_statuses  # only listed statuses (outcome.is_failure, §3)
-        if self.failed:
+        # Only listed statuses fail (outcome.is_failure, §3); set on every attempt (§3b).
+        failed = self.failed = status in runtime.failure_statuses
+        if failed:
             runtime.note_failure("http", status)
-        if self.failed and self.retryable:
-            # Judged now, before anything of this answer reaches the client (§3b).
-            self._record_attempt(True)
-            if self._retry(True):
-                return  # the next attempt's answer is the one the client gets
+            if self.retryable:
+                # Judged now, before anything of this answer reaches the client (§3b).
+                self._record_attempt(True)
+                if self._retry(True):
+                    return  # the next attempt's answer is the one the client gets
         self.state = STREAMING
         lines = [wire.status_line(status, head.reason)]
+        # NO_BODY or LENGTH: relayed as framed; CHUNKED or UNTIL_CLOSE: re-framed here.
         has_date = downstream_response_fields(lines, head.fields, head.connection_tokens,
-                                              keep_length=body_mode == LENGTH or body_mode == NO_BODY)
-        if body_mode == CHUNKED or body_mode == UNTIL_CLOSE:
+                                              keep_length=body_mode <= LENGTH)
+        if body_mode >= CHUNKED:
             if self.head.http11:
                 lines.append(b"Transfer-Encoding: chunked\r\n")
                 self.client_chunked = True
@@ -369,9 +371,7 @@ class Exchange(Answering, Retrying):
                 self.keep_alive = False  # an HTTP/1.0 client reads to the close
         if not has_date:
             lines.append(wire.date_line())
-        if not self.request_done and not self.client.can_discard():
-            self.keep_alive = False
-        if self.keep_alive and self.env.draining:
+        if self.keep_alive and (self.env.draining or not (self.request_done or self.client.can_discard())):
             self.keep_alive = False
         if not self.keep_alive:
             lines.append(b"Connection: close\r\n")

@@ -42,41 +42,48 @@ class RequestHead:
         self.target = target
         self.http11 = http11
         self.fields = fields
-        self.content_length: int | None = None
-        self.chunked = False
-        self.host: bytes | None = None
-        self.expect_continue = False
-        self.connection_tokens: frozenset[bytes] | None = None
-        self.upgrade = False
+        # Locals while scanning (made on every request): each set once at the end.
+        content_length: int | None = None
+        chunked = False
+        host: bytes | None = None
+        expect_continue = False
         connection: set[bytes] | None = None
         for _, lname, value in fields:
             if lname not in _REQUEST_FRAMING:
                 continue
             if lname == b"content-length":
-                self.content_length = int(value)  # llhttp checked it is one number, once
+                content_length = int(value)  # llhttp checked it is one number, once
             elif lname == b"transfer-encoding":
-                if self.chunked or value.lower() != b"chunked":
+                if chunked or value.lower() != b"chunked":
                     raise HttpError(400, "unsupported Transfer-Encoding")
                 if not http11:
                     raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
-                self.chunked = True
+                chunked = True
             elif lname == b"connection":
                 connection = connection or set()
                 connection.update(tokens(value))
             elif lname == b"host":
-                if self.host is not None:
+                if host is not None:
                     raise HttpError(400, "more than one Host")
-                self.host = value
+                host = value
             elif lname == b"expect":
                 if value.lower() != b"100-continue":
                     raise HttpError(417, "unsupported expectation")
-                self.expect_continue = http11
+                expect_continue = http11
+        self.content_length = content_length
+        self.chunked = chunked
+        self.host = host
+        self.expect_continue = expect_continue
+        upgrade = False
         if connection:
-            self.connection_tokens = frozenset(connection)
-            self.upgrade = b"upgrade" in connection
+            self.connection_tokens: frozenset[bytes] | None = frozenset(connection)
+            upgrade = b"upgrade" in connection
+        else:
+            self.connection_tokens = None
+        self.upgrade = upgrade
         # HTTP/1.0: one request per connection, always (simple and safe).
-        self.keep_alive = keep_alive and http11 and not self.upgrade
-        self.has_body = self.chunked or bool(self.content_length)
+        self.keep_alive = keep_alive and http11 and not upgrade
+        self.has_body = chunked or bool(content_length)
 
 
 class ResponseHead:
@@ -88,20 +95,22 @@ class ResponseHead:
         self.reason = reason
         self.fields = fields
         self.keep_alive = keep_alive
-        self.content_length: int | None = None
-        self.chunked = False
+        content_length: int | None = None
+        chunked = False
         connection: set[bytes] | None = None
         for _, lname, value in fields:
             if lname not in _RESPONSE_FRAMING:
                 continue
             if lname == b"content-length":
-                self.content_length = int(value)
+                content_length = int(value)
             elif lname == b"transfer-encoding":
                 codings = tokens(value)
                 if codings != [b"chunked"]:
                     raise HttpError(502, "unsupported Transfer-Encoding from the upstream")
-                self.chunked = True
+                chunked = True
             else:
                 connection = connection or set()
                 connection.update(tokens(value))
+        self.content_length = content_length
+        self.chunked = chunked
         self.connection_tokens = frozenset(connection) if connection else None

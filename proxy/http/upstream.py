@@ -58,7 +58,8 @@ def _is_ip(host: str) -> bool:
 class UpstreamTarget:
     """One upstream URL, parsed once: where to connect, how (TLS), and what to send as Host."""
 
-    __slots__ = ("url", "host", "port", "ssl", "host_header", "base_path", "idle", "open", "waiters")
+    __slots__ = ("url", "host", "port", "ssl", "host_header", "base_path", "idle", "open", "waiters",
+                 "retired")
 
     def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
@@ -75,6 +76,7 @@ class UpstreamTarget:
         self.idle: list[UpstreamConnection] = []
         self.open = 0  # connections being made or open (the pool's bound counts these)
         self.waiters: deque[PoolWaiter] = deque()  # calls waiting for a connection, in order
+        self.retired = False  # replaced in the pool (its TLS settings changed): no reuse
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -346,6 +348,7 @@ class UpstreamPool:
         target = self.targets.get(url)
         if target is None or (ssl_context is not None and target.ssl is not ssl_context):
             if target is not None:
+                target.retired = True
                 self._close_idle(target)  # the TLS settings changed (reload)
             target = self.targets[url] = UpstreamTarget(url, ssl_context)
         return target
@@ -410,11 +413,14 @@ class UpstreamPool:
 
     def release(self, connection: UpstreamConnection) -> None:
         target = connection.target
-        if target.waiters and self.targets.get(target.url) is target:
+        if target.retired:
+            connection.close()
+            return
+        if target.waiters:
             connection.reused = True
             target.waiters.popleft().on_pool_connection(connection)  # straight to the next call
             return
-        if len(target.idle) >= self.max_idle or self.targets.get(target.url) is not target:
+        if len(target.idle) >= self.max_idle:
             connection.close()
             return
         connection.idle_since = self.loop.time()
