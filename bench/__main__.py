@@ -32,10 +32,11 @@ def log(message: str) -> None:
 
 def write_config(workdir: Path, upstream_port: int, faulty_port: int, reaction_services: list[str],
                  name: str = "bench", hang_services: list[str] | None = None,
-                 retry_services: list[str] | None = None) -> Path:
+                 retry_services: list[str] | None = None, pool_bound: int = 0) -> Path:
     """The config circuit-proxy runs with: the healthy service, two open-path services and
     one fresh service per reaction, hang or retry run (so every run starts from a breaker that
-    never opened, a slow threshold never learned and an unspent retry budget)."""
+    never opened, a slow threshold never learned and an unspent retry budget). `pool_bound`:
+    server.upstream_max_connections (0, the default: no bound)."""
     (workdir / "config").mkdir(parents=True, exist_ok=True)
     (workdir / "fallback_responses").mkdir(exist_ok=True)
     (workdir / "fallback_responses" / "bench.json").write_text(json.dumps({
@@ -53,7 +54,7 @@ def write_config(workdir: Path, upstream_port: int, faulty_port: int, reaction_s
             max_concurrent: {scenarios.BULKHEAD if service.endswith('_bh') else 0}
         """)
     text = textwrap.dedent(f"""\
-        server: {{host: 127.0.0.1, port: 8080}}
+        server: {{host: 127.0.0.1, port: 8080, upstream_max_connections: {pool_bound}}}
         storage: {{path: {workdir / 'var' / (name + '.db')}}}
         defaults:
           jitter: 0.0
@@ -123,7 +124,8 @@ async def run(args: argparse.Namespace) -> dict:
         naive_faulty = procs.start_naive(proxy_prefix, workdir, faulty.port,
                                          scenarios.REACTION_TIMEOUT_MS / 1000, "naive-faulty")
         bare = procs.start_bare_relay(proxy_prefix, workdir, upstream.port)
-        started += [naive, naive_faulty, bare]
+        responder = procs.start_bare_relay(proxy_prefix, workdir, 0, "bare-responder")  # the open path's floor
+        started += [naive, naive_faulty, bare, responder]
         others = []
         for index, spec in enumerate(args.also or []):
             label, _, root = spec.partition("=")
@@ -132,11 +134,19 @@ async def run(args: argparse.Namespace) -> dict:
                                                     {"CIRCUIT_PROXY_ADMIN_TOKEN": "bench"},
                                                     root=Path(root).resolve(), name=f"circuit-proxy@{label}"))
         started += others
+        # The same tree with a bounded upstream pool, beside the default (no bound) where
+        # many connections make it matter (200 and 1,000 client connections).
+        pooled_config = write_config(workdir, upstream.port, faulty.port, [], name="pooled",
+                                     pool_bound=scenarios.POOL_BOUND)
+        pooled = procs.start_circuit_proxy(proxy_prefix, workdir, pooled_config,
+                                           {"CIRCUIT_PROXY_ADMIN_TOKEN": "bench"},
+                                           name=scenarios.POOLED_LABEL)
+        started.append(pooled)
         if "healthy" in only:
             results["healthy"] = await scenarios.healthy(plan, upstream, naive, circuit, log, others,
-                                                          bare=bare)
+                                                          bare=bare, pooled=pooled)
         if "open" in only:
-            results["open_path"] = await scenarios.open_path(plan, circuit, faulty, log)
+            results["open_path"] = await scenarios.open_path(plan, circuit, faulty, log, floor=responder)
         if "reaction" in only:
             results["reaction"] = await scenarios.reaction(plan, circuit, naive_faulty, faulty,
                                                            reaction_services, log)

@@ -8,6 +8,11 @@ answer with llhttp and relay its bytes back as they come. Nothing else: no break
 metrics, no timeouts, no header policy, no error answers beyond dropping the connection.
 It is what the features cost is measured against (bench/README.md, PERFORMANCE.md), not a
 proxy to run. Prints "ready <port>" once listening.
+
+    python -m bench.bare_relay --port 0 --answer
+
+The open path's floor instead: every request is answered at once with one fixed 503 (the
+size of circuit-proxy's circuit_open answer), no upstream: parse, one write, nothing else.
 """
 
 from __future__ import annotations
@@ -96,6 +101,9 @@ class Client(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.relay.answer is not None:
+            self.transport.write(self.relay.answer)  # type: ignore[union-attr]
+            return
         method = self.parser.get_method()
         data = b"".join([method, b" ", self.url, b" HTTP/1.1\r\n", self.relay.host_line,
                          *self.fields, b"\r\n", *self.body])
@@ -112,8 +120,16 @@ class Client(asyncio.Protocol):
             self.busy = False
 
 
+# The size and shape of circuit-proxy's open-path answer (§4), fixed.
+_OPEN_BODY = b'{"error": "circuit_open", "breaker": "openplain.default", "retry_after": 3599.9}'
+OPEN_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: "
+               + str(len(_OPEN_BODY)).encode() + b"\r\nRetry-After: 3600\r\n"
+               b"Date: Tue, 01 Dec 2026 00:00:00 GMT\r\n\r\n" + _OPEN_BODY)
+
+
 class Relay:
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, answer: bytes | None = None) -> None:
+        self.answer = answer  # every request answered with these bytes, no upstream (--answer)
         self.port = upstream_port
         self.host_line = f"Host: 127.0.0.1:{upstream_port}\r\n".encode()
         self.pool: list[Upstream] = []
@@ -138,8 +154,8 @@ class Relay:
         upstream.transport.write(data)  # type: ignore[union-attr]
 
 
-async def serve(port: int, upstream_port: int) -> None:
-    relay = Relay(upstream_port)
+async def serve(port: int, upstream_port: int, answer: bytes | None = None) -> None:
+    relay = Relay(upstream_port, answer)
     server = await asyncio.get_running_loop().create_server(lambda: Client(relay), "127.0.0.1", port,
                                                             backlog=4096)
     print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
@@ -149,12 +165,15 @@ async def serve(port: int, upstream_port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bare_relay")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--upstream-port", type=int, default=0)
+    parser.add_argument("--answer", action="store_true", help="answer every request 503 at once (no upstream)")
     args = parser.parse_args()
+    if not args.answer and not args.upstream_port:
+        parser.error("--upstream-port is needed to relay (or --answer)")
     if uvloop is not None:
         uvloop.install()
     try:
-        asyncio.run(serve(args.port, args.upstream_port))
+        asyncio.run(serve(args.port, args.upstream_port, OPEN_ANSWER if args.answer else None))
     except KeyboardInterrupt:
         pass
 

@@ -106,6 +106,11 @@ async def _measure(requests: int, reps: int, open_breaker: bool) -> list[float]:
 
             return _timed(one, client, requests, reps)
         finally:
+            client.connection_lost(None)  # the sinks never report it: the drain would wait for them
+            if app.server is not None:
+                for target in app.server.env.pool.targets.values():
+                    for connection in list(target.idle):
+                        connection.connection_lost(None)
             await app.close()
 
 

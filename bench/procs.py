@@ -143,11 +143,12 @@ def start_naive(prefix: list[str], logdir: Path, upstream_port: int, timeout_s: 
 
 
 def start_bare_relay(prefix: list[str], logdir: Path, upstream_port: int, name: str = "bare") -> Proc:
-    """bench/bare_relay.py: the uvloop + httptools floor, no features."""
+    """bench/bare_relay.py: the uvloop + httptools floor, no features. `upstream_port` 0: the
+    open path's floor (every request answered 503 at once)."""
     log = logdir / f"{name}.log"
-    popen = subprocess.Popen([*prefix, sys.executable, "-m", "bench.bare_relay", "--port", "0",
-                              "--upstream-port", str(upstream_port)], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=log.open("w"), text=True)
+    where = ["--upstream-port", str(upstream_port)] if upstream_port else ["--answer"]
+    popen = subprocess.Popen([*prefix, sys.executable, "-m", "bench.bare_relay", "--port", "0", *where],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
     line = popen.stdout.readline().split() if popen.stdout else []
     if len(line) != 2 or line[0] != "ready":
         popen.kill()

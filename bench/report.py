@@ -40,10 +40,11 @@ def render(results: dict) -> str:
     open_rows = results.get("open_path") or []
     if open_rows:
         out += ["### Open path (breaker open)", ""]
-        rows = [[row["variant"], row.get("fallback_header") or "—", _n(row["rps"], 0), _n(row["p50_ms"]),
-                 _n(row["p99_ms"]), _n(row["steady_p50_ms"], 3), _n(row["steady_p99_ms"], 3),
-                 _n(row["steady_p999_ms"], 3), str(row["leaked"])] for row in open_rows]
-        out += _table(["variant", "X-Fallback", "req/s (50 conns)", "p50 ms", "p99 ms",
+        rows = [[row["variant"], row.get("fallback_header") or "—", _n(row["rps"], 0),
+                 _n(row["cpu_s_per_1k"] * 1000 if row.get("cpu_s_per_1k") else None, 1), _n(row["p50_ms"]),
+                 _n(row["p99_ms"]), _n(row.get("steady_p50_ms"), 3), _n(row.get("steady_p99_ms"), 3),
+                 _n(row.get("steady_p999_ms"), 3), str(row.get("leaked", "—"))] for row in open_rows]
+        out += _table(["variant", "X-Fallback", "req/s (50 conns)", "CPU µs / request", "p50 ms", "p99 ms",
                        "200 req/s p50 ms", "200 req/s p99 ms", "200 req/s p99.9 ms",
                        "upstream calls leaked"], rows)
         out.append("")
@@ -191,11 +192,24 @@ def verdicts(results: dict) -> list[str]:
                      f"{'met' if us <= 25 and us / floor <= 2.3 else 'NOT met'})")
     base = healthy.get(("100B", 50, "circuit-proxy"))
     wide = healthy.get(("100B", 1000, "circuit-proxy"))
-    if base and wide and base.get("cpu_s_per_1k") and wide.get("cpu_s_per_1k"):
-        growth = wide["cpu_s_per_1k"] / base["cpu_s_per_1k"]
-        lines.append(f"1,000 conns: CPU per request {growth:.2f}× the 50-connection figure, "
-                     f"{wide.get('errors', 0)} socket errors (target ≤ 1.5× and none: "
-                     f"{'met' if growth <= 1.5 and not wide.get('errors') else 'NOT met'})")
+    pooled = next((r for (body, conns, target), r in healthy.items()
+                   if body == "100B" and conns == 1000 and target.startswith("circuit-proxy, pool")), None)
+    for label, row in (("", wide), (f" ({pooled['target']})" if pooled else "", pooled)):
+        if base and row and base.get("cpu_s_per_1k") and row.get("cpu_s_per_1k"):
+            growth = row["cpu_s_per_1k"] / base["cpu_s_per_1k"]
+            lines.append(f"1,000 conns{label}: CPU per request {growth:.2f}× the 50-connection figure, "
+                         f"p99 {_n(row.get('p99_ms'), 1)} ms, {row.get('errors', 0)} socket errors "
+                         f"(target ≤ 1.5× and none: "
+                         f"{'met' if growth <= 1.5 and not row.get('errors') else 'NOT met'})")
+    open_floor = next((row for row in results.get("open_path") or []
+                       if row["variant"].startswith("bare responder") and row.get("cpu_s_per_1k")), None)
+    for row in results.get("open_path") or []:
+        if row["variant"].endswith("no fallback") and row.get("cpu_s_per_1k"):
+            us = row["cpu_s_per_1k"] * 1000
+            floor_note = (f", {us / (open_floor['cpu_s_per_1k'] * 1000):.2f}× the bare responder's "
+                          f"{open_floor['cpu_s_per_1k'] * 1000:.1f} µs" if open_floor else "")
+            lines.append(f"open breaker, no fallback: {us:.1f} µs CPU per rejection{floor_note} "
+                         f"(target ≤ 10 µs: {'met' if us <= 10 else 'NOT met'})")
     large = healthy.get(("1MB", 50, "circuit-proxy"))
     if large and large.get("rss_growth_mb") is not None:
         lines.append(f"1 MB bodies at 50 conns: peak RSS growth {large['rss_growth_mb']:.1f} MB "

@@ -156,14 +156,22 @@ def summarize(runs: list[dict]) -> dict:
 # -- healthy path -------------------------------------------------------------------------------
 
 
+POOL_BOUND = 64  # server.upstream_max_connections of the pooled variant
+POOLED_LABEL = f"circuit-proxy, pool {POOL_BOUND}"
+POOLED_FROM = 200  # client connections from which the pooled variant is measured too
+
+
 async def healthy(plan: Plan, upstream: Proc, naive: Proc, circuit: Proc, log,
-                  others: list[Proc] | None = None, bare: Proc | None = None) -> list[dict]:
+                  others: list[Proc] | None = None, bare: Proc | None = None,
+                  pooled: Proc | None = None) -> list[dict]:
     paths = {"100B": "/small", "1MB": "/large", NEW_CONNECTION: "/small"}
     targets = [("upstream (direct)", None, upstream.port, ""), ("naive aiohttp proxy", naive, naive.port, "")]
     if bare is not None:  # the floor: uvloop + httptools, nothing else (bench/bare_relay.py)
         targets.append(("bare relay (floor)", bare, bare.port, ""))
     targets.append(("circuit-proxy", circuit, circuit.port, "/bench"))
     targets += [(other.name, other, other.port, "/bench") for other in others or []]
+    if pooled is not None:
+        targets.append((pooled.name, pooled, pooled.port, "/bench"))
     # Warm-up: connections pooled, code paths hot, allocator grown to its working size.
     for _, proc, port, prefix in targets:
         for body, path in paths.items():
@@ -172,7 +180,8 @@ async def healthy(plan: Plan, upstream: Proc, naive: Proc, circuit: Proc, log,
     for body, connections in plan.healthy_matrix:
         # A connection per request is compared between the two proxies that answer
         # `Connection: close` with it (the bare relay and the static upstream keep theirs open).
-        measured = [t for t in targets if body != NEW_CONNECTION or t[1] is naive or t[1] is circuit]
+        measured = [t for t in targets if (body != NEW_CONNECTION or t[1] is naive or t[1] is circuit)
+                    and (t[1] is not pooled or (body != NEW_CONNECTION and connections >= POOLED_FROM))]
         runs: dict[str, list[dict]] = {name: [] for name, *_ in measured}
         for rep in range(plan.reps):
             order = measured if rep % 2 == 0 else list(reversed(measured))
@@ -205,7 +214,9 @@ async def trip(port: int, path: str, want: str | None = None, attempts: int = 50
     raise RuntimeError(f"{path}: the breaker did not open")
 
 
-async def open_path(plan: Plan, circuit: Proc, faulty: Proc, log) -> list[dict]:
+async def open_path(plan: Plan, circuit: Proc, faulty: Proc, log, floor: Proc | None = None) -> list[dict]:
+    """The breaker open: rejections per second and their CPU, with and without a fallback,
+    beside `floor` (bench/bare_relay.py --answer: a fixed 503, nothing else)."""
     await upstream_control(faulty, "mode/error")
     variants = [("breaker open, no fallback", "/openplain/x"),
                 ("breaker open, static fallback", "/openstatic/x")]
@@ -215,9 +226,12 @@ async def open_path(plan: Plan, circuit: Proc, faulty: Proc, log) -> list[dict]:
         fallback_served[name] = headers.get("x-fallback")
     before = (await upstream_control(faulty, "stats"))["requests"]
     runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    floor_runs: list[dict] = []
     for rep in range(plan.reps):
         for name, path in variants:
             runs[name].append(await measure(plan, circuit, f"http://127.0.0.1:{circuit.port}{path}", 50))
+        if floor is not None:
+            floor_runs.append(await measure(plan, floor, f"http://127.0.0.1:{floor.port}/x", 50))
     rows = []
     for name, path in variants:
         steady = await loadgen.steady_rate("127.0.0.1", circuit.port, path, 200, plan.steady_seconds)
@@ -237,6 +251,9 @@ async def open_path(plan: Plan, circuit: Proc, faulty: Proc, log) -> list[dict]:
         row["leaked"] = after - before  # both variants together: every call must stay in the proxy
         log(f"open   {row['variant']:<30} {row['rps']:>9.0f} req/s  steady p99 "
             f"{row['steady_p99_ms']} ms  leaked {row['leaked']}")
+    if floor_runs:
+        rows.append({"variant": "bare responder (floor)", "fallback_header": None, **summarize(floor_runs)})
+        log(f"open   {rows[-1]['variant']:<30} {rows[-1]['rps']:>9.0f} req/s")
     await upstream_control(faulty, "mode/healthy")
     return rows
 
