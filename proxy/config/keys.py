@@ -101,7 +101,10 @@ SERVER = Section("server", "server", "server:", "Read at start; a reload that ch
         "start to fit the open-file limit.", "10000"),
     Key("upstream_max_connections", INT(0), "Connections open at once to each upstream (0 = no bound). A "
         "call that finds them all busy waits, first come first served, for one to be given back; "
-        "the route's `timeout_ms` covers the wait (a call still waiting then is a timeout).", "256"),
+        "the route's `timeout_ms` covers the wait (a call still waiting then is a timeout). With "
+        "hundreds of client connections a bound (64 in PERFORMANCE.md) halves the CPU per request "
+        "and the p99; but the routes of one upstream share it, so calls hanging on one route can "
+        "make another's wait.", "64"),
     Key("access_log", BOOL, "Log each request.", "false"),
     Key("log_format", ENUM("text", "json"), "`text` (key=value) or `json` (JSON lines).", "text"),
     Key("trusted_proxies", NULLABLE({"type": "array", "items": {"type": "string", "minLength": 1}}),
