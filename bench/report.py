@@ -47,6 +47,8 @@ def render(results: dict) -> str:
         out += _table(["variant", "X-Fallback", "req/s (50 conns)", "CPU µs / request", "p50 ms", "p99 ms",
                        "200 req/s p50 ms", "200 req/s p99 ms", "200 req/s p99.9 ms",
                        "upstream calls leaked"], rows)
+        if not healthy:  # else they were said under the healthy table
+            out += [""] + [f"- {line}" for line in verdicts(results)]
         out.append("")
     reaction = results.get("reaction") or []
     if reaction:
@@ -210,6 +212,9 @@ def verdicts(results: dict) -> list[str]:
                           f"{open_floor['cpu_s_per_1k'] * 1000:.1f} µs" if open_floor else "")
             lines.append(f"open breaker, no fallback: {us:.1f} µs CPU per rejection{floor_note} "
                          f"(target ≤ 10 µs: {'met' if us <= 10 else 'NOT met'})")
+    if open_floor and open_floor.get("steady_p99_ms") is not None:
+        lines.append(f"the bare responder at the same steady 200 req/s: p99 {open_floor['steady_p99_ms']:.3f} ms "
+                     "(what the measuring client and the machine add, proxy or not)")
     large = healthy.get(("1MB", 50, "circuit-proxy"))
     if large and large.get("rss_growth_mb") is not None:
         lines.append(f"1 MB bodies at 50 conns: peak RSS growth {large['rss_growth_mb']:.1f} MB "

@@ -234,28 +234,36 @@ async def open_path(plan: Plan, circuit: Proc, faulty: Proc, log, floor: Proc | 
             floor_runs.append(await measure(plan, floor, f"http://127.0.0.1:{floor.port}/x", 50))
     rows = []
     for name, path in variants:
-        steady = await loadgen.steady_rate("127.0.0.1", circuit.port, path, 200, plan.steady_seconds)
-        latencies = sorted(s.done - s.sent for s in steady.samples)
-        statuses: dict[int, int] = {}
-        for sample in steady.samples:
-            statuses[sample.status] = statuses.get(sample.status, 0) + 1
-        row = {"variant": name, "fallback_header": fallback_served[name], **summarize(runs[name]),
-               "steady_rate": 200, "steady_requests": len(latencies),
-               "steady_p50_ms": _ms(loadgen.percentile(latencies, 50)),
-               "steady_p99_ms": _ms(loadgen.percentile(latencies, 99)),
-               "steady_p999_ms": _ms(loadgen.percentile(latencies, 99.9)),
-               "steady_statuses": {str(k): v for k, v in statuses.items()}}
-        rows.append(row)
+        rows.append({"variant": name, "fallback_header": fallback_served[name], **summarize(runs[name]),
+                     **await _steady(plan, circuit.port, path)})
     after = (await upstream_control(faulty, "stats"))["requests"]
     for row in rows:
         row["leaked"] = after - before  # both variants together: every call must stay in the proxy
         log(f"open   {row['variant']:<30} {row['rps']:>9.0f} req/s  steady p99 "
             f"{row['steady_p99_ms']} ms  leaked {row['leaked']}")
-    if floor_runs:
-        rows.append({"variant": "bare responder (floor)", "fallback_header": None, **summarize(floor_runs)})
-        log(f"open   {rows[-1]['variant']:<30} {rows[-1]['rps']:>9.0f} req/s")
+    if floor is not None:
+        # The same steady rate against the floor: what the measuring client and the machine
+        # add to every latency, proxy or not.
+        rows.append({"variant": "bare responder (floor)", "fallback_header": None, **summarize(floor_runs),
+                     **await _steady(plan, floor.port, "/x")})
+        log(f"open   {rows[-1]['variant']:<30} {rows[-1]['rps']:>9.0f} req/s  steady p99 "
+            f"{rows[-1]['steady_p99_ms']} ms")
     await upstream_control(faulty, "mode/healthy")
     return rows
+
+
+async def _steady(plan: Plan, port: int, path: str, rate: int = 200) -> dict:
+    """Latency at a steady `rate` (open loop, bench/loadgen.py)."""
+    steady = await loadgen.steady_rate("127.0.0.1", port, path, rate, plan.steady_seconds)
+    latencies = sorted(s.done - s.sent for s in steady.samples)
+    statuses: dict[int, int] = {}
+    for sample in steady.samples:
+        statuses[sample.status] = statuses.get(sample.status, 0) + 1
+    return {"steady_rate": rate, "steady_requests": len(latencies),
+            "steady_p50_ms": _ms(loadgen.percentile(latencies, 50)),
+            "steady_p99_ms": _ms(loadgen.percentile(latencies, 99)),
+            "steady_p999_ms": _ms(loadgen.percentile(latencies, 99.9)),
+            "steady_statuses": {str(k): v for k, v in statuses.items()}}
 
 
 def _ms(seconds: float | None) -> float | None:
