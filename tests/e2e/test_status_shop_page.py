@@ -181,7 +181,9 @@ async def test_the_page_answers_the_shop_operators_questions(start_proxy, fakes,
     meter = page.locator(f"{SHIPPING} .failure-rate")
     await meter.locator("b", has_text="3 of 3 failed (too few calls to judge)").wait_for(timeout=10_000)
     assert await meter.get_attribute("data-judged") == "false"
-    assert await meter.locator(".meter i").evaluate("i => i.getBoundingClientRect().width") > 0
+    # The bar grows with a CSS transition (0.4 s) from the moment the text changes: drawn, not 0.
+    bar = await meter.locator(".meter i").element_handle()
+    await page.wait_for_function("i => i.getBoundingClientRect().width > 0", arg=bar, timeout=5_000)
     await page.locator(f"{SHIPPING} .last-failure .why", has_text="HTTP 500 from the upstream").wait_for(timeout=5_000)
     await shot(page, "status-shop-outage.png")
 
