@@ -445,3 +445,15 @@ async def test_a_request_whose_body_is_still_coming_is_refused_by_its_exchange_a
     client.feed(b"bc" + GET + b"\r\n")  # the rest is read and dropped; the connection serves on
     assert len(_open_answers(bytes(client.transport.data))) == 2
     assert (client.pool.upstreams, client.transport.closed, runtime.metrics.rejected.value) == ([], False, 2)
+
+
+async def test_an_open_breaker_answers_head_with_the_head_alone_and_http10_with_a_close(client):
+    client.registry.get("up.default").breaker.force_open()
+    client.feed(b"HEAD /up/x HTTP/1.1\r\nHost: p\r\n\r\n")
+    head = bytes(client.transport.data)
+    assert head.startswith(b"HTTP/1.1 503 ") and head.endswith(b"\r\n\r\n")
+    assert b"Content-Length: " in head and not client.transport.closed  # the length, no body
+    client.feed(b"GET /up/x HTTP/1.0\r\nHost: p\r\n\r\n")
+    rest = bytes(client.transport.data)[len(head):]
+    assert b"Connection: close\r\n" in rest and rest.endswith(b"}")
+    assert client.transport.closed or client.transport.eof
