@@ -104,8 +104,12 @@ class Server:
     def draining(self) -> bool:
         return self.env.draining
 
-    async def listen(self, host: str, port: int, *, reuse_address: bool = True, backlog: int = 1024) -> None:
+    async def listen(self, host: str, port: int, *, reuse_address: bool = True,
+                     backlog: int | None = None) -> None:
+        """`backlog`: connections the kernel may hold before they are accepted; by default
+        room for `max_connections` arriving at once (the kernel caps it at somaxconn)."""
         self.max_connections = fit_open_files(self.max_connections)
+        backlog = backlog or max(1024, self.max_connections)
         self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port,
                                                      reuse_address=reuse_address, backlog=backlog)
         self.host = host

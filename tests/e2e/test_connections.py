@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -144,3 +145,19 @@ def test_max_connections_is_lowered_to_fit_the_open_file_limit():
 @pytest.mark.skipif(not _may_raise_hard_limit(), reason="needs CAP_SYS_RESOURCE to raise a hard limit")
 def test_a_privileged_proxy_raises_its_hard_limit_to_fit_max_connections():
     assert _fit_probe(10000, 256) == ["open-file limit raised from 256 to 20064", "10000"]
+
+
+def _somaxconn() -> int:
+    with open("/proc/sys/net/core/somaxconn", encoding="ascii") as file:
+        return int(file.read())
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2) to read a listener's backlog")
+async def test_the_listen_backlog_has_room_for_max_connections_arriving_at_once(start_proxy, upstream):
+    proxy = await start_proxy("storage: {path: $db}\nserver: {max_connections: 5000}\n"
+                              "services: {up: {upstream: $up}}\n", up=f"http://127.0.0.1:{upstream.port}")
+    port = proxy.app.server.port
+    shown = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    backlog = int(shown.split()[2])  # a listener's Send-Q is its backlog
+    wanted = max(1024, proxy.app.server.max_connections)  # 5,000 unless the open-file limit lowered it
+    assert backlog == min(wanted, _somaxconn())
