@@ -338,9 +338,15 @@ async def test_the_dead_letter_gauge_counts_what_a_4xx_replay_gave_up_on(start_p
     assert (await post(proxy, "/notification/notifications", {"template": "no recipient"}))[0] == 202
     breaker.reset()
     await until(lambda: _depth(proxy, "notification.notifications", 0), "the bad one replayed")
-    assert await metric_lines(proxy, "fallback_queue_dead_letters{") == [
+    # The counters move inside the replay's transaction; the gauges once it has committed.
+    dead_letters = [
         'fallback_queue_dead_letters{queue="payment.charges"} 0.0',
         'fallback_queue_dead_letters{queue="notification.notifications"} 1.0']
+
+    async def gauge_shows_it() -> bool:
+        return await metric_lines(proxy, "fallback_queue_dead_letters{") == dead_letters
+
+    await until(gauge_shows_it, "the dead letter in its gauge")
     assert await metric_lines(proxy, "fallback_queue_depth{") == [
         'fallback_queue_depth{queue="payment.charges"} 0.0',
         'fallback_queue_depth{queue="notification.notifications"} 0.0']
