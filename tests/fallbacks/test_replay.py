@@ -22,7 +22,7 @@ from yarl import URL
 from proxy.config.model import FallbackSpec, Match, Policy, Route, Service, Settings, StorageSettings
 from proxy.core.breaker import Breaker, State
 from proxy.core.clock import FakeClock
-from proxy.core.messages import Request
+from proxy.core.messages import Answer, Request
 from proxy.core.outcome import Reason, UpstreamReply
 from proxy.fallbacks.base import FallbackContext
 from proxy.fallbacks.build import FallbackDeps, build_fallback
@@ -87,7 +87,8 @@ class Harness:
         assert state is not None
         return state
 
-    async def accept(self, document: dict[str, Any], key: str | None = None) -> int:
+    async def post(self, document: dict[str, Any], key: str | None = None) -> Answer:
+        """`document` handed to the queue fallback as a rejected POST /payment/charges."""
         headers = CIMultiDict({"Host": "proxy.test", "Content-Type": "application/json"})
         if key is not None:
             headers["Idempotency-Key"] = key
@@ -96,7 +97,12 @@ class Harness:
         ctx = FallbackContext(view=self.breaker.view(), reason=Reason.OPEN, maybe_delivered=False, body=None)
         assert self.runtime.fallback is not None
         answer = await self.runtime.fallback.serve(request, ctx)
-        assert answer is not None and answer.status == 202, answer
+        assert answer is not None
+        return answer
+
+    async def accept(self, document: dict[str, Any], key: str | None = None) -> int:
+        answer = await self.post(document, key)
+        assert answer.status == 202, answer
         return int(answer.headers["X-Queue-Id"])
 
     async def items(self) -> list[tuple[Any, ...]]:

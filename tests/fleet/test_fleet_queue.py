@@ -8,60 +8,30 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict
 
 from proxy.config.model import FallbackSpec, Match, Policy, Route, Service, Settings
 from proxy.core.clock import FakeClock
-from proxy.core.messages import Answer, Request
-from proxy.core.outcome import Reason
-from proxy.fallbacks.base import FallbackContext
+from proxy.core.messages import Answer
 from proxy.fallbacks.build import FallbackDeps, build_fallback
-from proxy.fallbacks.queue import QueueBook, QueueState
+from proxy.fallbacks.queue import QueueBook
 from proxy.runtime.metrics import Metrics
-from proxy.runtime.registry import Registry, RouteRuntime
+from proxy.runtime.registry import Registry
 from proxy.storage.postgres import PostgresStorage
-from tests.fallbacks.test_replay import AiohttpClient
+from tests.fallbacks.test_replay import AiohttpClient, Harness
 
 NAME = "payment.charges"
 OPTIONS = {"max_depth": 1000, "max_attempts": 5, "max_body_bytes": 4096, "amount_field": "amount",
            "retry_base_ms": 10, "retry_max_ms": 50, "replay_timeout_ms": None}
 
 
-@dataclass
-class Replica:
-    book: QueueBook
-    registry: Registry
-    storage: PostgresStorage
-    client: AiohttpClient
+class Replica(Harness):
+    """One proxy of the fleet: the replay tests' harness on the shared PostgreSQL."""
 
-    @property
-    def runtime(self) -> RouteRuntime:
-        runtime = self.registry.get(NAME)
-        assert runtime is not None
-        return runtime
-
-    @property
-    def queue(self) -> QueueState:
-        state = self.book.get(NAME)
-        assert state is not None
-        return state
-
-    async def post(self, amount: float, key: str | None = None) -> Answer:
-        headers = CIMultiDict({"Host": "proxy.test", "Content-Type": "application/json"})
-        if key is not None:
-            headers["Idempotency-Key"] = key
-        request = Request("POST", "/payment/charges", headers, client_ip="127.0.0.1",
-                          body=json.dumps({"amount": amount, "currency": "EUR", "order_id": key or "o"}).encode())
-        ctx = FallbackContext(view=self.runtime.breaker.view(), reason=Reason.OPEN, maybe_delivered=False,
-                              body=None)
-        assert self.runtime.fallback is not None
-        answer = await self.runtime.fallback.serve(request, ctx)
-        assert answer is not None
-        return answer
+    async def charge(self, amount: float, key: str | None = None) -> Answer:
+        return await self.post({"amount": amount, "currency": "EUR", "order_id": key or "o"}, key)
 
 
 @pytest.fixture
@@ -88,7 +58,7 @@ async def replicas(fakes, pg_url) -> AsyncIterator[Callable[..., Any]]:
             else:
                 breaker.force_open()
             await book.start()
-            replica = Replica(book, registry, storage, client)
+            replica = Replica(book, registry, storage, client, clock)
             started.append(replica)
             made.append(replica)
         return made
@@ -107,7 +77,7 @@ def status(answer: Answer) -> tuple[int, str]:
 
 async def test_max_depth_holds_for_the_fleet_not_per_replica(replicas):
     a, b, c = await replicas(3, deliver=False, max_depth=10)
-    answers = await asyncio.gather(*(replica.post(1, f"{replica.book.node_id}-{n}")
+    answers = await asyncio.gather(*(replica.charge(1, f"{replica.book.node_id}-{n}")
                                      for n in range(15) for replica in (a, b, c)))
     assert sorted(status(answer) for answer in answers) == [(202, "queued")] * 10 + [(503, "queue_full")] * 35
     [(pending,)] = await a.storage.fetchall("SELECT count(*) FROM queue_items WHERE state = 'pending'")
@@ -118,19 +88,19 @@ async def test_max_depth_holds_for_the_fleet_not_per_replica(replicas):
 
 async def test_the_exposure_cap_holds_for_the_fleet(replicas):
     a, b = await replicas(2, deliver=False, floor_limit=100, exposure_cap=250)
-    answers = await asyncio.gather(*(replica.post(40, f"{replica.book.node_id}-{n}")
+    answers = await asyncio.gather(*(replica.charge(40, f"{replica.book.node_id}-{n}")
                                      for n in range(6) for replica in (a, b)))
     assert sorted(status(answer) for answer in answers) == [(202, "queued")] * 6 + [(503, "offline_limit")] * 6
     [(total,)] = await a.storage.fetchall(
         "SELECT sum(amount::numeric) FROM queue_items WHERE state = 'pending'")
     assert total == 240
-    over = await b.post(101, "big")
+    over = await b.charge(101, "big")
     assert json.loads(over.body)["detail"] == "amount 101 exceeds floor_limit 100"
 
 
 async def test_a_key_retried_on_another_replica_makes_one_row_and_one_answer(replicas):
     a, b = await replicas(2, deliver=False)
-    first, second = await asyncio.gather(a.post(5, "same-key"), b.post(5, "same-key"))
+    first, second = await asyncio.gather(a.charge(5, "same-key"), b.charge(5, "same-key"))
     assert {first.status, second.status} == {202}
     assert first.headers["X-Queue-Id"] == second.headers["X-Queue-Id"]
     assert sorted(answer.headers.get("Idempotent-Replayed", "-") for answer in (first, second)) == ["-", "true"]
@@ -143,7 +113,7 @@ async def test_one_replica_delivers_each_item_once_in_order_with_its_key(replica
     keys = [f"order-{n:03d}" for n in range(60)]
     ids = {}
     for n, key in enumerate(keys):  # one after another: acceptance order is known
-        answer = await accepted[n % 3].post(n + 1, key)
+        answer = await accepted[n % 3].charge(n + 1, key)
         assert answer.status == 202
         ids[key] = int(answer.headers["X-Queue-Id"])
     assert sorted(ids.values()) == [ids[key] for key in keys]  # ids follow acceptance order, fleet-wide
@@ -166,7 +136,7 @@ async def test_one_replica_delivers_each_item_once_in_order_with_its_key(replica
 async def test_a_stopped_replica_hands_its_lease_over_at_once(replicas, fakes):
     a, b = await replicas(2)
     await fakes.set_mode("payment", "down")
-    await a.post(1, "first")
+    await a.charge(1, "first")
     async with asyncio.timeout(10):  # someone holds the lease and keeps trying the head
         while not await a.storage.fetchall("SELECT owner FROM queue_leases WHERE owner <> ''"):
             await asyncio.sleep(0.02)
@@ -184,7 +154,7 @@ async def test_a_stopped_replica_hands_its_lease_over_at_once(replicas, fakes):
 async def test_the_database_keeps_each_queue_s_counters_whoever_writes(replicas):
     [replica] = await replicas(1, deliver=False)
     for n in range(5):
-        assert (await replica.post(n + 1, f"k{n}")).status == 202
+        assert (await replica.charge(n + 1, f"k{n}")).status == 202
     storage = replica.storage
     for sql in ("UPDATE queue_items SET state = 'delivered' WHERE idempotency_key = 'k0'",
                 "UPDATE queue_items SET state = 'dead_letter' WHERE idempotency_key = 'k1'",
